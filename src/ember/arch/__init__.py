@@ -1,0 +1,1 @@
+"""Architecture-specific parts of the monitor."""

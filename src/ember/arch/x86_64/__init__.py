@@ -1,0 +1,1 @@
+"""x86-64: CPUID, MSRs, registers, tables and the guest-physical layout."""

@@ -1,0 +1,1 @@
+"""The KVM layer: ioctl numbers, structures, descriptor wrappers, typed exits."""
