@@ -1,0 +1,156 @@
+"""The `ember` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ember import __version__
+
+log = logging.getLogger("ember")
+
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """An error to print as one line, with exit status 1."""
+
+
+def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="boot a microVM with its serial console on this terminal",
+        description=(
+            "Boot a microVM. Its serial console is this process's stdin and stdout. "
+            "Without --kernel, Ember's built-in test guest boots. The VM stops when "
+            "the guest resets (status 0), on Ctrl-C (130), or on a fatal vCPU "
+            "error (1)."
+        ),
+    )
+    run.add_argument("--kernel", metavar="PATH", help="vmlinux (ELF) or bzImage")
+    run.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
+    run.add_argument("--cmdline", metavar="ARGS", help="kernel command line")
+    run.add_argument(
+        "--vcpus", type=int, default=1, metavar="N", help="1..32 (default 1)"
+    )
+    run.add_argument(
+        "--mem-mib",
+        type=int,
+        default=128,
+        metavar="M",
+        help="guest memory (default 128)",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+
+def _add_guest(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    guest = subparsers.add_parser("guest", help="the built-in test guest")
+    actions = guest.add_subparsers(dest="guest_command", required=True)
+    path = actions.add_parser(
+        "path", help="print the test guest's path, building it if needed"
+    )
+    path.set_defaults(handler=_cmd_guest_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ember",
+        description="Ember: a microVM monitor on Linux KVM, built around snapshots.",
+    )
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    parser.add_argument(
+        "--level",
+        default="Warning",
+        choices=["Error", "Warning", "Info", "Debug"],
+        type=str.capitalize,
+        help="log level (default Warning)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(subparsers)
+    _add_guest(subparsers)
+    return parser
+
+
+def _cmd_guest_path(args: argparse.Namespace) -> int:
+    from ember.testguest import guest_path
+
+    print(guest_path())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ember.vmm.config import DEFAULT_CMDLINE, BootSource, MachineConfig
+    from ember.vmm.microvm import Microvm
+
+    kernel = args.kernel
+    if kernel is None:
+        from ember.testguest import guest_path
+
+        kernel = str(guest_path())
+    boot = BootSource(
+        kernel_image_path=kernel,
+        boot_args=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
+        initrd_path=args.initrd,
+    )
+    machine = MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem_mib)
+    microvm = Microvm.boot(machine, boot)
+    try:
+        while True:
+            stop = microvm.wait(timeout=0.5)
+            if stop is not None:
+                break
+    except KeyboardInterrupt:
+        microvm.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+        stop = microvm.wait()
+    finally:
+        microvm.close()
+    assert stop is not None
+    if stop.status != 0:
+        print(f"ember: {stop.message}", file=sys.stderr)
+    else:
+        log.info("%s", stop.message)
+    return stop.status
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ember.boot.errors import KernelLoadError
+    from ember.kvm.fd import KvmError
+    from ember.kvm.system import KvmUnavailableError
+    from ember.testguest import GuestBuildError
+    from ember.vmm.config import ConfigError
+
+    return (
+        CliError,
+        KernelLoadError,
+        KvmUnavailableError,
+        KvmError,
+        ConfigError,
+        GuestBuildError,
+        OSError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.level.upper()),
+        format="%(asctime)s [ember:%(threadName)s] %(levelname)s %(message)s",
+    )
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        status: int = args.handler(args)
+    except _expected_errors() as error:
+        print(f"ember: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

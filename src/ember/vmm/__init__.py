@@ -1,0 +1,1 @@
+"""The running microVM: threads, lifecycle, devices wiring."""

@@ -1,0 +1,329 @@
+"""The running microVM: built from a configuration, driven by vCPU threads and a
+device event loop, paused, resumed and stopped from any thread.
+
+Build order (boot): KVM VM with its in-kernel interrupt controllers and PIT · guest
+memory registered as KVM slots · kernel, command line and boot tables loaded ·
+vCPUs created and given CPUID, MSRs, FPU, LAPIC and (the boot CPU) registers ·
+legacy devices wired to ports and interrupt lines · threads started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ember.arch.x86_64 import layout, regs
+from ember.arch.x86_64.cpuid import normalize_cpuid
+from ember.arch.x86_64.mptable import write_mptable
+from ember.arch.x86_64.msrs import boot_msrs
+from ember.boot import load_kernel
+from ember.devices.bus import PortBus, RateLimitedLog
+from ember.devices.legacy.i8042 import I8042
+from ember.devices.legacy.serial import Serial8250
+from ember.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
+from ember.kvm.system import Kvm, VcpuFd, VmFd
+from ember.memory import GuestMemory
+from ember.vmm.config import BootSource, MachineConfig, validate_machine
+from ember.vmm.event_loop import EventLoop
+from ember.vmm.vcpu import (
+    ExitHandlers,
+    VcpuRunState,
+    VcpuStop,
+    VcpuThread,
+    install_kick_handler,
+)
+
+log = logging.getLogger(__name__)
+
+KVM_TSS_ADDRESS = 0xFFFBD000  # three pages KVM needs below 4 GiB, outside RAM
+SERIAL_PORT = 0x3F8
+I8042_PORT = 0x60
+PAUSE_TIMEOUT_S = 5.0
+
+
+class VmStateError(Exception):
+    """An operation was asked of the microVM in a state that does not allow it."""
+
+
+@dataclass
+class Console:
+    """Where the guest's serial port writes and what feeds its input."""
+
+    write: Callable[[bytes], None]
+    input_fd: int | None = None
+
+    @classmethod
+    def stdio(cls) -> Console:
+        def write(data: bytes) -> None:
+            os.write(1, data)
+
+        return cls(write=write, input_fd=0)
+
+
+class _Interrupt:
+    """An edge on one interrupt line, delivered through an irqfd."""
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vm.irqfd(self.fd, gsi)
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Microvm:
+    """A microVM. Build one with `Microvm.boot(...)`."""
+
+    def __init__(
+        self, kvm: Kvm, vm: VmFd, memory: GuestMemory, machine: MachineConfig
+    ) -> None:
+        self.kvm = kvm
+        self.vm = vm
+        self.memory = memory
+        self.machine = machine
+        self.vcpus: list[VcpuThread] = []
+        self.loop = EventLoop()
+        self.bus = PortBus()
+        self._interrupts: list[_Interrupt] = []
+        self._stop_reason: VcpuStop | None = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._paused = False
+        self._mmio_log = RateLimitedLog()
+        self.serial: Serial8250
+        self.i8042: I8042
+
+    # --- building ---------------------------------------------------------------
+
+    @classmethod
+    def boot(
+        cls,
+        machine: MachineConfig,
+        boot: BootSource,
+        console: Console | None = None,
+    ) -> Microvm:
+        """Build a microVM, load its kernel and start it running."""
+        validate_machine(machine)
+        install_kick_handler()
+        microvm = cls._create(machine)
+        try:
+            info = load_kernel(
+                microvm.memory,
+                boot.kernel_image_path,
+                initrd_path=boot.initrd_path,
+                cmdline=boot.boot_args,
+                vcpu_count=machine.vcpu_count,
+            )
+            write_mptable(microvm.memory, machine.vcpu_count)
+            fds = microvm._create_vcpus()
+            microvm._set_boot_registers(
+                fds[0], info.protocol, info.entry, info.boot_struct
+            )
+            microvm._attach_devices(console or Console.stdio())
+            microvm._start(fds, paused=False)
+        except BaseException:
+            microvm.close()
+            raise
+        log.info(
+            "microVM started: %d vCPUs, %d MiB, %s entry at %#x",
+            machine.vcpu_count,
+            machine.mem_size_mib,
+            info.protocol,
+            info.entry,
+        )
+        return microvm
+
+    @classmethod
+    def _create(cls, machine: MachineConfig) -> Microvm:
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        try:
+            vm.set_tss_address(KVM_TSS_ADDRESS)
+            vm.create_irqchip()
+            vm.create_pit2()
+            memory = GuestMemory.anonymous(
+                layout.ram_layout(machine.mem_size_mib << 20)
+            )
+        except BaseException:
+            vm.close()
+            kvm.close()
+            raise
+        microvm = cls(kvm, vm, memory, machine)
+        microvm._register_memory()
+        return microvm
+
+    def _register_memory(self) -> None:
+        flags = KVM_MEM_LOG_DIRTY_PAGES if self.machine.track_dirty_pages else 0
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(
+                slot, region.guest_base, region.size, region.host_address, flags
+            )
+
+    def _create_vcpus(self) -> list[VcpuFd]:
+        supported = self.kvm.supported_cpuid()
+        count = self.machine.vcpu_count
+        fds = []
+        for index in range(count):
+            fd = self.vm.create_vcpu(index)
+            fds.append(fd)
+            fd.set_cpuid2(normalize_cpuid(supported, index, count))
+            msrs = boot_msrs()
+            accepted = fd.set_msrs(msrs)
+            if accepted != len(msrs):
+                log.warning(
+                    "vCPU %d: KVM accepted %d of %d boot MSRs",
+                    index,
+                    accepted,
+                    len(msrs),
+                )
+            fd.set_fpu(regs.boot_fpu())
+            lapic = fd.get_lapic()
+            regs.set_lint_modes(lapic)
+            fd.set_lapic(lapic)
+        return fds
+
+    def _set_boot_registers(
+        self, fd: VcpuFd, protocol: str, entry: int, boot_struct: int
+    ) -> None:
+        sregs = fd.get_sregs()
+        if protocol == "pvh":
+            regs.pvh_sregs(self.memory, sregs)
+        else:
+            regs.long_mode_sregs(self.memory, sregs)
+        fd.set_sregs(sregs)
+        fd.set_regs(regs.boot_regs(entry, boot_struct, protocol))
+
+    def _attach_devices(self, console: Console) -> None:
+        serial_irq = self._interrupt(layout.SERIAL_IRQ)
+        keyboard_irq = self._interrupt(layout.I8042_IRQ)
+        self.serial = Serial8250(console.write, serial_irq.trigger)
+        self.i8042 = I8042(self._on_guest_reset, keyboard_irq.trigger)
+        self.bus.register(SERIAL_PORT, 8, self.serial)
+        self.bus.register(I8042_PORT, 5, self.i8042)
+        if console.input_fd is not None:
+            self._watch_console_input(console.input_fd)
+
+    def _interrupt(self, gsi: int) -> _Interrupt:
+        interrupt = _Interrupt(self.vm, gsi)
+        self._interrupts.append(interrupt)
+        return interrupt
+
+    def _watch_console_input(self, fd: int) -> None:
+        def on_input(events: int) -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.remove(fd)  # EOF: the guest just stops getting input
+                return
+            self.serial.enqueue_input(data)
+
+        try:
+            self.loop.add(fd, on_input)
+        except (OSError, PermissionError) as error:
+            # /dev/null and regular files cannot be polled; the guest gets no input.
+            log.info("console input fd %d not pollable (%s); ignoring it", fd, error)
+
+    def _start(self, fds: list[VcpuFd], paused: bool) -> None:
+        handlers = ExitHandlers(
+            port_read=self.bus.read,
+            port_write=self.bus.write,
+            mmio_read=self._unhandled_mmio_read,
+            mmio_write=self._unhandled_mmio_write,
+        )
+        self.vcpus = [VcpuThread(fd, handlers, self._on_vcpu_stop) for fd in fds]
+        self.loop.start()
+        for vcpu in self.vcpus:
+            vcpu.start(paused=paused)
+        self._paused = paused
+
+    def _unhandled_mmio_read(self, address: int, size: int) -> bytes:
+        if self._mmio_log.allow():
+            log.debug("unhandled MMIO read at %#x", address)
+        return b"\xff" * size
+
+    def _unhandled_mmio_write(self, address: int, data: bytes) -> None:
+        if self._mmio_log.allow():
+            log.debug("unhandled MMIO write at %#x", address)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def _on_guest_reset(self) -> None:
+        self._on_vcpu_stop(VcpuStop(-1, 0, "the guest reset itself through the i8042"))
+
+    def _on_vcpu_stop(self, stop: VcpuStop) -> None:
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = stop
+        for vcpu in self.vcpus:
+            vcpu.request_stop()
+        self._stopped.set()
+
+    @property
+    def stop_reason(self) -> VcpuStop | None:
+        return self._stop_reason
+
+    @property
+    def is_stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def wait(self, timeout: float | None = None) -> VcpuStop | None:
+        """Block until the VM stops; returns why (None on timeout)."""
+        if not self._stopped.wait(timeout):
+            return None
+        return self._stop_reason
+
+    def pause(self) -> None:
+        """Take every vCPU out of the guest; idempotent."""
+        self._require_running_vm("pause")
+        for vcpu in self.vcpus:
+            vcpu.request_pause()
+        for vcpu in self.vcpus:
+            if not vcpu.wait_for(VcpuRunState.PAUSED, PAUSE_TIMEOUT_S):
+                raise VmStateError(f"vCPU {vcpu.index} did not pause in time")
+        self._paused = True
+
+    def resume(self) -> None:
+        """Let every vCPU run again; idempotent."""
+        self._require_running_vm("resume")
+        for vcpu in self.vcpus:
+            vcpu.request_resume()
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _require_running_vm(self, operation: str) -> None:
+        if self._stopped.is_set():
+            raise VmStateError(f"cannot {operation}: the microVM has stopped")
+
+    def stop(self, status: int = 0, message: str = "stopped by the monitor") -> None:
+        self._on_vcpu_stop(VcpuStop(-1, status, message))
+
+    def close(self) -> None:
+        """Stop everything and release every resource; safe to call twice."""
+        self.stop()
+        for vcpu in self.vcpus:
+            vcpu.join(timeout=5)
+        if self.loop is not None:
+            with contextlib.suppress(OSError):
+                self.loop.stop()
+        for vcpu in self.vcpus:
+            vcpu.fd.close()
+        for interrupt in self._interrupts:
+            interrupt.close()
+        self._interrupts = []
+        self.memory.close()
+        self.vm.close()
+        self.kvm.close()
