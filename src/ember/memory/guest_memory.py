@@ -19,6 +19,10 @@ from ember.memory.address import FileOffset, GuestAddress, HostAddress
 
 PAGE_SIZE = 4096
 
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
 
 class GuestMemoryError(Exception):
     """A guest memory operation failed."""
@@ -40,7 +44,26 @@ class GuestRegion:
     size: int
     mapping: mmap.mmap
     file_offset: FileOffset
+    anonymous: bool = True
     _anchor: ctypes.c_char | None = field(default=None, repr=False)
+    # One byte per page the monitor itself wrote since the last snapshot; KVM's
+    # dirty log only sees writes made by the guest.
+    monitor_dirty: bytearray = field(default_factory=bytearray, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.monitor_dirty:
+            self.monitor_dirty = bytearray(self.page_count)
+
+    @property
+    def page_count(self) -> int:
+        return (self.size + PAGE_SIZE - 1) // PAGE_SIZE
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset // PAGE_SIZE
+        last = (offset + length - 1) // PAGE_SIZE
+        self.monitor_dirty[first : last + 1] = b"\x01" * (last - first + 1)
 
     @property
     def guest_end(self) -> GuestAddress:
@@ -53,6 +76,17 @@ class GuestRegion:
             # address stays valid until close() drops the anchor and unmaps.
             self._anchor = ctypes.c_char.from_buffer(self.mapping)
         return HostAddress(ctypes.addressof(self._anchor))
+
+    def resident_pages(self) -> bytes:
+        """mincore(2) of the mapping: one byte per page, bit 0 set if resident.
+
+        For anonymous memory a page that is not resident was never touched (no
+        swap here), so it holds zeros and a snapshot need not read it."""
+        vector = (ctypes.c_ubyte * self.page_count)()
+        if _libc.mincore(self.host_address, self.size, vector) != 0:
+            errno = ctypes.get_errno()
+            raise GuestMemoryError(f"mincore failed: {os.strerror(errno)}")
+        return bytes(vector)
 
     def contains(self, address: GuestAddress, length: int = 1) -> bool:
         return self.guest_base <= address and address + length <= self.guest_end
@@ -113,7 +147,13 @@ class GuestMemory:
                     offset=offset,
                 )
                 regions.append(
-                    GuestRegion(GuestAddress(base), size, mapping, FileOffset(offset))
+                    GuestRegion(
+                        GuestAddress(base),
+                        size,
+                        mapping,
+                        FileOffset(offset),
+                        anonymous=False,
+                    )
                 )
                 offset += size
         return cls(regions)
@@ -136,10 +176,15 @@ class GuestMemory:
         )
 
     def view(self, address: GuestAddress, length: int) -> memoryview:
-        """A writable view of guest memory; the caller must drop it promptly."""
+        """A writable view of guest memory; the caller must drop it promptly and
+        call `mark_dirty` for what it writes through it."""
         region = self.region_for(address, length)
         start = address - region.guest_base
         return memoryview(region.mapping)[start : start + length]
+
+    def mark_dirty(self, address: GuestAddress, length: int) -> None:
+        region = self.region_for(address, length)
+        region.mark_dirty(address - region.guest_base, length)
 
     def read(self, address: GuestAddress, length: int) -> bytes:
         region = self.region_for(address, length)
@@ -153,6 +198,7 @@ class GuestMemory:
         region = self.region_for(address, length)
         start = address - region.guest_base
         region.mapping[start : start + length] = data
+        region.mark_dirty(start, length)
 
     def read_u16(self, address: GuestAddress) -> int:
         value: int = struct.unpack("<H", self.read(address, 2))[0]

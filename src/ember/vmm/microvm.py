@@ -15,10 +15,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ember.arch.x86_64 import layout, regs
 from ember.arch.x86_64.cpuid import normalize_cpuid
-from ember.arch.x86_64.mptable import write_mptable
 from ember.arch.x86_64.msrs import boot_msrs
 from ember.boot import load_kernel
 from ember.devices.bus import PortBus, RateLimitedLog
@@ -36,6 +36,9 @@ from ember.vmm.vcpu import (
     VcpuThread,
     install_kick_handler,
 )
+
+if TYPE_CHECKING:
+    from ember.snapshot.create import SnapshotStats
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ class Microvm:
     def __init__(
         self, kvm: Kvm, vm: VmFd, memory: GuestMemory, machine: MachineConfig
     ) -> None:
+        self.boot_source: BootSource | None = None
         self.kvm = kvm
         self.vm = vm
         self.memory = memory
@@ -99,6 +103,7 @@ class Microvm:
         self._mmio_log = RateLimitedLog()
         self.serial: Serial8250
         self.i8042: I8042
+        self._unstarted_fds: list[VcpuFd] = []
 
     # --- building ---------------------------------------------------------------
 
@@ -111,8 +116,9 @@ class Microvm:
     ) -> Microvm:
         """Build a microVM, load its kernel and start it running."""
         validate_machine(machine)
-        install_kick_handler()
-        microvm = cls._create(machine)
+        memory = GuestMemory.anonymous(layout.ram_layout(machine.mem_size_mib << 20))
+        microvm = cls.create(machine, memory)
+        microvm.boot_source = boot
         try:
             info = load_kernel(
                 microvm.memory,
@@ -121,13 +127,13 @@ class Microvm:
                 cmdline=boot.boot_args,
                 vcpu_count=machine.vcpu_count,
             )
-            write_mptable(microvm.memory, machine.vcpu_count)
-            fds = microvm._create_vcpus()
+            fds = microvm.create_vcpus()
+            microvm._configure_boot_vcpus(fds)
             microvm._set_boot_registers(
                 fds[0], info.protocol, info.entry, info.boot_struct
             )
-            microvm._attach_devices(console or Console.stdio())
-            microvm._start(fds, paused=False)
+            microvm.attach_devices(console or Console.stdio())
+            microvm.start(fds, paused=False)
         except BaseException:
             microvm.close()
             raise
@@ -141,22 +147,30 @@ class Microvm:
         return microvm
 
     @classmethod
-    def _create(cls, machine: MachineConfig) -> Microvm:
-        kvm = Kvm()
-        vm = kvm.create_vm()
+    def create(cls, machine: MachineConfig, memory: GuestMemory) -> Microvm:
+        """A VM with its interrupt controllers, PIT and memory, no vCPUs yet.
+        Takes ownership of `memory`."""
+        install_kick_handler()
+        try:
+            kvm = Kvm()
+        except BaseException:
+            memory.close()
+            raise
+        try:
+            vm = kvm.create_vm()
+        except BaseException:
+            memory.close()
+            kvm.close()
+            raise
+        microvm = cls(kvm, vm, memory, machine)
         try:
             vm.set_tss_address(KVM_TSS_ADDRESS)
             vm.create_irqchip()
             vm.create_pit2()
-            memory = GuestMemory.anonymous(
-                layout.ram_layout(machine.mem_size_mib << 20)
-            )
+            microvm._register_memory()
         except BaseException:
-            vm.close()
-            kvm.close()
+            microvm.close()
             raise
-        microvm = cls(kvm, vm, memory, machine)
-        microvm._register_memory()
         return microvm
 
     def _register_memory(self) -> None:
@@ -166,13 +180,27 @@ class Microvm:
                 slot, region.guest_base, region.size, region.host_address, flags
             )
 
-    def _create_vcpus(self) -> list[VcpuFd]:
+    def create_vcpus(self) -> list[VcpuFd]:
+        fds: list[VcpuFd] = []
+        try:
+            for index in range(self.machine.vcpu_count):
+                fds.append(self.vm.create_vcpu(index))
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        self._unstarted_fds = fds
+        return fds
+
+    @property
+    def pending_vcpu_fds(self) -> list[VcpuFd]:
+        """vCPUs created but not yet started."""
+        return list(self._unstarted_fds)
+
+    def _configure_boot_vcpus(self, fds: list[VcpuFd]) -> None:
         supported = self.kvm.supported_cpuid()
         count = self.machine.vcpu_count
-        fds = []
-        for index in range(count):
-            fd = self.vm.create_vcpu(index)
-            fds.append(fd)
+        for index, fd in enumerate(fds):
             fd.set_cpuid2(normalize_cpuid(supported, index, count))
             msrs = boot_msrs()
             accepted = fd.set_msrs(msrs)
@@ -187,7 +215,6 @@ class Microvm:
             lapic = fd.get_lapic()
             regs.set_lint_modes(lapic)
             fd.set_lapic(lapic)
-        return fds
 
     def _set_boot_registers(
         self, fd: VcpuFd, protocol: str, entry: int, boot_struct: int
@@ -200,7 +227,7 @@ class Microvm:
         fd.set_sregs(sregs)
         fd.set_regs(regs.boot_regs(entry, boot_struct, protocol))
 
-    def _attach_devices(self, console: Console) -> None:
+    def attach_devices(self, console: Console) -> None:
         serial_irq = self._interrupt(layout.SERIAL_IRQ)
         keyboard_irq = self._interrupt(layout.I8042_IRQ)
         self.serial = Serial8250(console.write, serial_irq.trigger)
@@ -234,7 +261,7 @@ class Microvm:
             # /dev/null and regular files cannot be polled; the guest gets no input.
             log.info("console input fd %d not pollable (%s); ignoring it", fd, error)
 
-    def _start(self, fds: list[VcpuFd], paused: bool) -> None:
+    def start(self, fds: list[VcpuFd], paused: bool) -> None:
         handlers = ExitHandlers(
             port_read=self.bus.read,
             port_write=self.bus.write,
@@ -242,6 +269,7 @@ class Microvm:
             mmio_write=self._unhandled_mmio_write,
         )
         self.vcpus = [VcpuThread(fd, handlers, self._on_vcpu_stop) for fd in fds]
+        self._unstarted_fds = []
         self.loop.start()
         for vcpu in self.vcpus:
             vcpu.start(paused=paused)
@@ -308,6 +336,43 @@ class Microvm:
         if self._stopped.is_set():
             raise VmStateError(f"cannot {operation}: the microVM has stopped")
 
+    def snapshot(
+        self,
+        state_path: str,
+        mem_path: str,
+        diff: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SnapshotStats:
+        """Write a snapshot of this paused microVM (see `ember.snapshot.create`)."""
+        from ember.snapshot.create import create_snapshot
+
+        return create_snapshot(self, state_path, mem_path, diff=diff, progress=progress)
+
+    @classmethod
+    def restore(
+        cls,
+        state_path: str,
+        mem_path: str,
+        *,
+        track_dirty_pages: bool = False,
+        resume: bool = True,
+        console: Console | None = None,
+        clock_realtime: bool = False,
+        strict_cpu_vendor: bool = False,
+    ) -> Microvm:
+        """A microVM brought back from a snapshot (see `ember.snapshot.restore`)."""
+        from ember.snapshot.restore import restore_microvm
+
+        return restore_microvm(
+            state_path,
+            mem_path,
+            track_dirty_pages=track_dirty_pages,
+            resume=resume,
+            console=console,
+            clock_realtime=clock_realtime,
+            strict_cpu_vendor=strict_cpu_vendor,
+        )
+
     def stop(self, status: int = 0, message: str = "stopped by the monitor") -> None:
         self._on_vcpu_stop(VcpuStop(-1, status, message))
 
@@ -321,6 +386,8 @@ class Microvm:
                 self.loop.stop()
         for vcpu in self.vcpus:
             vcpu.fd.close()
+        for fd in self._unstarted_fds:
+            fd.close()
         for interrupt in self._interrupts:
             interrupt.close()
         self._interrupts = []

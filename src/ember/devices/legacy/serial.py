@@ -33,7 +33,6 @@ IIR_THR_EMPTY = 0x02
 IIR_RECEIVED_DATA = 0x04
 IIR_FIFO_ENABLED = 0xC0
 FCR_ENABLE_FIFO = 0x01
-FCR_CLEAR_RX = 0x02
 LCR_DLAB = 0x80
 LSR_DATA_READY = 0x01
 LSR_THR_EMPTY = 0x20
@@ -150,9 +149,10 @@ class Serial8250:
                 return True
             return bool(self._ier & IER_RECEIVED_DATA and self._input)
         if offset == IIR:
+            # FCR's "clear receive FIFO" is not applied: our buffer stands for
+            # bytes still on their way from the host, and dropping them would lose
+            # console input typed (or piped) before the guest set up its UART.
             self._fcr = value
-            if value & FCR_CLEAR_RX:
-                self._input.clear()
         elif offset == LCR:
             self._lcr = value
         elif offset == MCR:

@@ -1,0 +1,1 @@
+"""Snapshots: typed state, the state-file format, memory files, create and restore."""
