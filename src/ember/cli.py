@@ -8,6 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from ember import __version__
+from ember.api.cli import (
+    add_monitor_flags,
+    add_snapshot_api_commands,
+    run_monitor_from_args,
+    wants_monitor,
+)
 
 log = logging.getLogger("ember")
 
@@ -67,10 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.capitalize,
         help="log level (default Warning)",
     )
+    add_monitor_flags(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(subparsers)
     _add_guest(subparsers)
+    _add_snapshot(subparsers)
     return parser
+
+
+def _add_snapshot(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    snapshot = subparsers.add_parser("snapshot", help="create and load snapshots")
+    actions = snapshot.add_subparsers(dest="snapshot_command", required=True)
+    add_snapshot_api_commands(actions)
 
 
 def _cmd_guest_path(args: argparse.Namespace) -> int:
@@ -140,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s [ember:%(threadName)s] %(levelname)s %(message)s",
     )
     if getattr(args, "handler", None) is None:
+        if wants_monitor(args):
+            return run_monitor_from_args(args)
         parser.print_help()
         return 2
     try:
