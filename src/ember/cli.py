@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ember import __version__
 from ember.api.cli import (
@@ -14,6 +15,9 @@ from ember.api.cli import (
     run_monitor_from_args,
     wants_monitor,
 )
+
+if TYPE_CHECKING:
+    from ember.vmm.microvm import Microvm
 
 log = logging.getLogger("ember")
 
@@ -47,6 +51,30 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=128,
         metavar="M",
         help="guest memory (default 128)",
+    )
+    run.add_argument(
+        "--huge-pages",
+        choices=["none", "transparent"],
+        default="transparent",
+        help=(
+            "back guest memory with transparent huge pages (default: transparent; "
+            "first touch of fresh memory is several times faster)"
+        ),
+    )
+    run.add_argument(
+        "--track-dirty-pages",
+        action="store_true",
+        help="log guest writes so diff snapshots can be taken",
+    )
+    run.add_argument(
+        "--snapshot",
+        metavar="STATE",
+        help="instead of booting, restore the microVM saved in this state file",
+    )
+    run.add_argument(
+        "--mem-file",
+        metavar="MEM",
+        help="the memory file that goes with --snapshot",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -100,6 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ember.vmm.config import DEFAULT_CMDLINE, BootSource, MachineConfig
     from ember.vmm.microvm import Microvm
 
+    if args.snapshot is not None or args.mem_file is not None:
+        return _run_until_stopped(_restore_from_args(args))
     kernel = args.kernel
     if kernel is None:
         from ember.testguest import guest_path
@@ -110,8 +140,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         boot_args=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
         initrd_path=args.initrd,
     )
-    machine = MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem_mib)
-    microvm = Microvm.boot(machine, boot)
+    machine = MachineConfig(
+        vcpu_count=args.vcpus,
+        mem_size_mib=args.mem_mib,
+        track_dirty_pages=args.track_dirty_pages,
+        huge_pages="Transparent" if args.huge_pages == "transparent" else "None",
+    )
+    return _run_until_stopped(Microvm.boot(machine, boot))
+
+
+def _restore_from_args(args: argparse.Namespace) -> Microvm:
+    from ember.vmm.microvm import Microvm
+
+    if args.snapshot is None or args.mem_file is None:
+        raise CliError("--snapshot and --mem-file go together")
+    if args.kernel or args.initrd or args.cmdline:
+        raise CliError(
+            "--kernel, --initrd and --cmdline cannot be used with --snapshot"
+        )
+    return Microvm.restore(
+        args.snapshot, args.mem_file, track_dirty_pages=args.track_dirty_pages
+    )
+
+
+def _run_until_stopped(microvm: Microvm) -> int:
     try:
         while True:
             stop = microvm.wait(timeout=0.5)
@@ -131,14 +183,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ember.arch.x86_64.vcpu_state import VcpuRestoreError
+    from ember.arch.x86_64.vm_state import VmStateError
     from ember.boot.errors import KernelLoadError
     from ember.kvm.fd import KvmError
     from ember.kvm.system import KvmUnavailableError
+    from ember.snapshot.restore import SnapshotLoadError
+    from ember.snapshot.state_file import StateFileError
     from ember.testguest import GuestBuildError
     from ember.vmm.config import ConfigError
 
     return (
         CliError,
+        SnapshotLoadError,
+        StateFileError,
+        VcpuRestoreError,
+        VmStateError,
         KernelLoadError,
         KvmUnavailableError,
         KvmError,

@@ -82,6 +82,7 @@ def capture_state(microvm: Microvm) -> MicrovmState:
     return MicrovmState(
         vm_info=VmInfo(
             mem_size_mib=microvm.machine.mem_size_mib,
+            huge_pages=microvm.machine.huge_pages,
             boot_source=None
             if boot is None
             else BootSourceInfo(

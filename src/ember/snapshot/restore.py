@@ -141,6 +141,7 @@ def restore_microvm(
         vcpu_count=len(state.vcpu_states),
         mem_size_mib=state.vm_info.mem_size_mib,
         track_dirty_pages=track_dirty_pages,
+        huge_pages=state.vm_info.huge_pages,
     )
     microvm = Microvm.create(machine, memory)
     try:

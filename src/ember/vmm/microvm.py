@@ -116,7 +116,10 @@ class Microvm:
     ) -> Microvm:
         """Build a microVM, load its kernel and start it running."""
         validate_machine(machine)
-        memory = GuestMemory.anonymous(layout.ram_layout(machine.mem_size_mib << 20))
+        memory = GuestMemory.anonymous(
+            layout.ram_layout(machine.mem_size_mib << 20),
+            transparent_huge_pages=machine.huge_pages == "Transparent",
+        )
         microvm = cls.create(machine, memory)
         microvm.boot_source = boot
         try:

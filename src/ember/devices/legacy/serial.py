@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from ember.devices.bus import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 DATA = 0  # RBR on read, THR on write, DLL when DLAB is set
@@ -66,6 +68,8 @@ class Serial8250:
         self._lock = threading.Lock()
         self._input: deque[int] = deque()
         self.dropped_input_bytes = 0
+        self.lost_output_bytes = 0
+        self._output_error_log = RateLimitedLog(burst=1, period=60.0)
         self._dll = 0x0C  # 9600 baud, the PC power-on default
         self._dlm = 0
         self._ier = 0
@@ -168,7 +172,13 @@ class Serial8250:
             try:
                 self._output(bytes((value,)))
             except OSError as error:  # a closed stdout must not kill the vCPU
-                log.warning("serial output failed: %s", error)
+                self.lost_output_bytes += 1
+                if self._output_error_log.allow():
+                    log.warning(
+                        "serial output failed: %s (%d bytes lost so far)",
+                        error,
+                        self.lost_output_bytes,
+                    )
         self._thr_pending = True
         return bool(self._ier & (IER_THR_EMPTY | IER_RECEIVED_DATA))
 
