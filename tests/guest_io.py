@@ -1,0 +1,152 @@
+"""Talking to the test guest's console, in-process or through `ember` itself.
+
+Both harnesses collect console output into a `ConsoleLog`; `ask()` sends one
+command and returns the first protocol answer after it, skipping `TICK` lines.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from ember.vmm.config import BootSource, MachineConfig
+from ember.vmm.microvm import Console, Microvm
+
+ANSWER = re.compile(r"^(OK|BAD.*|ERR.*|CPUS .*|READY .*|PANIC.*)$")
+
+
+class ConsoleLog:
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._partial = b""
+        self._cond = threading.Condition()
+        self.cursor = 0
+
+    def feed(self, data: bytes) -> None:
+        with self._cond:
+            self._partial += data
+            *complete, self._partial = self._partial.split(b"\n")
+            self._lines.extend(
+                line.decode(errors="replace").rstrip("\r") for line in complete
+            )
+            self._cond.notify_all()
+
+    @property
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def expect(
+        self, pattern: str | re.Pattern[str], timeout: float = 30.0
+    ) -> re.Match[str]:
+        """The first line from the cursor on matching `pattern`; moves past it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for index in range(self.cursor, len(self._lines)):
+                    match = regex.search(self._lines[index])
+                    if match:
+                        self.cursor = index + 1
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = "\n".join(self._lines[-20:])
+                    raise TimeoutError(
+                        f"no line matching {regex.pattern!r}; last:\n{tail}"
+                    )
+                self._cond.wait(remaining)
+
+    def ticks(self) -> list[int]:
+        return [int(line.split()[1]) for line in self.lines if line.startswith("TICK ")]
+
+
+class GuestConsole:
+    """Common `send`/`ask` on top of a transport."""
+
+    log: ConsoleLog
+
+    def send(self, command: str) -> None:
+        raise NotImplementedError
+
+    def ask(self, command: str, timeout: float = 60.0) -> str:
+        self.send(command)
+        return self.log.expect(ANSWER, timeout).group(0)
+
+
+class InProcessGuest(GuestConsole):
+    """A microVM in this process, built with the Python API."""
+
+    def __init__(self, microvm: Microvm, log: ConsoleLog) -> None:
+        self.microvm = microvm
+        self.log = log
+
+    @classmethod
+    def boot(
+        cls, guest_elf: str, vcpus: int = 1, mem_mib: int = 128, **machine: object
+    ) -> InProcessGuest:
+        log = ConsoleLog()
+        config = MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, **machine)  # type: ignore[arg-type]
+        microvm = Microvm.boot(config, BootSource(guest_elf), Console(write=log.feed))
+        guest = cls(microvm, log)
+        log.expect(r"^READY ")
+        return guest
+
+    @classmethod
+    def restore(cls, state: str, mem: str, **options: object) -> InProcessGuest:
+        log = ConsoleLog()
+        microvm = Microvm.restore(
+            state, mem, console=Console(write=log.feed), **options
+        )  # type: ignore[arg-type]
+        return cls(microvm, log)
+
+    def send(self, command: str) -> None:
+        self.microvm.serial.enqueue_input(command.encode() + b"\n")
+
+    def close(self) -> None:
+        self.microvm.close()
+
+
+class EmberProcess(GuestConsole):
+    """`ember ...` as a child process with its console on pipes."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.log = ConsoleLog()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ember.cli", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        while chunk := self.process.stdout.read1(4096):
+            self.log.feed(chunk)
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout)
+
+    @property
+    def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return self.process.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
