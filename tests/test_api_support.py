@@ -188,8 +188,12 @@ class EmberProcess:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr_lines: list[str] = []
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._pumps = [
+            threading.Thread(target=self._pump_stdout, daemon=True),
+            threading.Thread(target=self._pump_stderr, daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
 
     def _pump_stdout(self) -> None:
         assert self.process.stdout is not None
@@ -252,7 +256,18 @@ class EmberProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        return self.process.returncode
+        return self.close()
+
+    def close(self) -> int:
+        """Wait for the process to end and release its pipes."""
+        returncode = self.process.wait()
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return returncode
 
 
 @contextlib.contextmanager
