@@ -55,15 +55,15 @@ def restore_vm(vm: VmFd, state: KvmVmState, clock_realtime: bool = False) -> Non
     vm.set_pit2(_load(s.KvmPitState2, state.pit, "PIT state"))  # type: ignore[arg-type]
     saved_clock = _load(s.KvmClockData, state.clock, "kvmclock")
     clock = s.KvmClockData()
-    clock.clock = saved_clock.clock  # type: ignore[attr-defined]
+    clock.clock = saved_clock.clock
     if clock_realtime:
-        if not saved_clock.flags & KVM_CLOCK_REALTIME:  # type: ignore[attr-defined]
+        if not saved_clock.flags & KVM_CLOCK_REALTIME:
             raise VmStateError(
                 "clock_realtime asked, but the snapshot's clock has no "
                 "realtime reference"
             )
         clock.flags = KVM_CLOCK_REALTIME
-        clock.realtime = saved_clock.realtime  # type: ignore[attr-defined]
+        clock.realtime = saved_clock.realtime
     vm.set_clock(clock)
     for data, what in (
         (state.pic_master, "PIC master"),
