@@ -6,63 +6,14 @@ command and returns the first protocol answer after it, skipping `TICK` lines.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
+from ember.console import ANSWER, ConsoleLog
 from ember.vmm.config import BootSource, MachineConfig
 from ember.vmm.microvm import Console, Microvm
-
-ANSWER = re.compile(r"^(OK|BAD.*|ERR.*|CPUS .*|READY .*|PANIC.*)$")
-
-
-class ConsoleLog:
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-        self._partial = b""
-        self._cond = threading.Condition()
-        self.cursor = 0
-
-    def feed(self, data: bytes) -> None:
-        with self._cond:
-            self._partial += data
-            *complete, self._partial = self._partial.split(b"\n")
-            self._lines.extend(
-                line.decode(errors="replace").rstrip("\r") for line in complete
-            )
-            self._cond.notify_all()
-
-    @property
-    def lines(self) -> list[str]:
-        with self._cond:
-            return list(self._lines)
-
-    def expect(
-        self, pattern: str | re.Pattern[str], timeout: float = 30.0
-    ) -> re.Match[str]:
-        """The first line from the cursor on matching `pattern`; moves past it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for index in range(self.cursor, len(self._lines)):
-                    match = regex.search(self._lines[index])
-                    if match:
-                        self.cursor = index + 1
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tail = "\n".join(self._lines[-20:])
-                    raise TimeoutError(
-                        f"no line matching {regex.pattern!r}; last:\n{tail}"
-                    )
-                self._cond.wait(remaining)
-
-    def ticks(self) -> list[int]:
-        return [int(line.split()[1]) for line in self.lines if line.startswith("TICK ")]
 
 
 class GuestConsole:

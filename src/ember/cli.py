@@ -106,7 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_guest(subparsers)
     _add_snapshot(subparsers)
+    demo = subparsers.add_parser(
+        "demo",
+        help="boot, snapshot, restore and clone the test guest, with timings",
+        description="Boot the built-in test guest, show it ticking and holding "
+        "memory and FPU state, snapshot it, restore it in a new process, start a "
+        "few clones side by side, and print the time each step took. Cleans up "
+        "after itself.",
+    )
+    demo.add_argument("--vcpus", type=int, default=2, metavar="N")
+    demo.add_argument("--mem-mib", type=int, default=256, metavar="M")
+    demo.add_argument("--clones", type=int, default=3, metavar="K")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ember.demo import run_demo
+
+    return run_demo(vcpus=args.vcpus, mem_mib=args.mem_mib, clones=args.clones)
 
 
 def _add_snapshot(
@@ -115,6 +133,45 @@ def _add_snapshot(
     snapshot = subparsers.add_parser("snapshot", help="create and load snapshots")
     actions = snapshot.add_subparsers(dest="snapshot_command", required=True)
     add_snapshot_api_commands(actions)
+    info = actions.add_parser(
+        "info",
+        help="describe a state file",
+        description="Print a state file's format version, vCPUs, memory layout "
+        "and devices (after checking its magic, version and CRC).",
+    )
+    info.add_argument("state", metavar="STATE", help="the state file")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(handler=_cmd_snapshot_info)
+    rebase = actions.add_parser(
+        "rebase",
+        help="merge a diff memory file into its base",
+        description="Copy every data extent of a diff memory file onto its base, in "
+        "place. Apply diffs in the order they were taken; then restore with the "
+        "state file of the last diff merged.",
+    )
+    rebase.add_argument("--base", required=True, metavar="MEM", help="base memory file")
+    rebase.add_argument(
+        "--diff", required=True, metavar="DIFF", help="diff memory file"
+    )
+    rebase.set_defaults(handler=_cmd_snapshot_rebase)
+
+
+def _cmd_snapshot_info(args: argparse.Namespace) -> int:
+    import json
+
+    from ember.snapshot.info import describe, format_text
+
+    info = describe(args.state)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def _cmd_snapshot_rebase(args: argparse.Namespace) -> int:
+    from ember.snapshot.memory_file import rebase
+
+    copied = rebase(args.base, args.diff)
+    print(f"merged {copied} bytes of {args.diff} into {args.base}")
+    return 0
 
 
 def _cmd_guest_path(args: argparse.Namespace) -> int:
@@ -188,6 +245,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ember.boot.errors import KernelLoadError
     from ember.kvm.fd import KvmError
     from ember.kvm.system import KvmUnavailableError
+    from ember.snapshot.memory_file import RebaseError
     from ember.snapshot.restore import SnapshotLoadError
     from ember.snapshot.state_file import StateFileError
     from ember.testguest import GuestBuildError
@@ -197,6 +255,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         CliError,
         SnapshotLoadError,
         StateFileError,
+        RebaseError,
         VcpuRestoreError,
         VmStateError,
         KernelLoadError,

@@ -100,6 +100,13 @@ def _parse_version(text: bytes, path: str) -> tuple[int, int, int]:
 
 
 def decode_state(data: bytes, path: str = "<memory>") -> MicrovmState:
+    return decode_versioned_state(data, path)[1]
+
+
+def decode_versioned_state(
+    data: bytes, path: str = "<memory>"
+) -> tuple[tuple[int, int, int], MicrovmState]:
+    """The file's format version and its state, after every check."""
     if len(data) > MAX_STATE_FILE_BYTES:
         raise StateFileTooLargeError(
             f"state file {path} is larger than the {MAX_STATE_FILE_BYTES}-byte cap"
@@ -135,7 +142,7 @@ def decode_state(data: bytes, path: str = "<memory>") -> MicrovmState:
         )
     payload = data[payload_start : payload_start + payload_length]
     try:
-        return msgspec.msgpack.decode(payload, type=MicrovmState)
+        return version, msgspec.msgpack.decode(payload, type=MicrovmState)
     except msgspec.DecodeError as error:
         raise UndecodableStateError(
             f"state file {path}: payload does not decode: {error}"
@@ -152,6 +159,12 @@ def _check_compatible(version: tuple[int, int, int], path: str) -> None:
 
 
 def load_state_file(path: str | os.PathLike[str]) -> MicrovmState:
+    return load_versioned_state_file(path)[1]
+
+
+def load_versioned_state_file(
+    path: str | os.PathLike[str],
+) -> tuple[tuple[int, int, int], MicrovmState]:
     name = os.fspath(path)
     try:
         with open(name, "rb") as file:
@@ -160,7 +173,7 @@ def load_state_file(path: str | os.PathLike[str]) -> MicrovmState:
         raise StateFileError(
             f"cannot read state file {name}: {error.strerror}"
         ) from None
-    return decode_state(data, name)
+    return decode_versioned_state(data, name)
 
 
 def write_state_file(path: str | os.PathLike[str], state: MicrovmState) -> int:
