@@ -33,3 +33,22 @@ def snapshot_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "snapshots"
     directory.mkdir()
     return directory
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say plainly how many tests needed real KVM and whether they ran."""
+    ran = skipped = 0
+    for outcome in ("passed", "failed", "error", "xfailed", "xpassed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "kvm" not in getattr(report, "keywords", {}):
+                continue
+            if report.when != "call" and outcome != "skipped":
+                continue
+            if outcome == "skipped":
+                skipped += 1
+            else:
+                ran += 1
+    state = "present" if KVM_AVAILABLE else "absent"
+    terminalreporter.write_line(
+        f"KVM tests: {ran} ran, {skipped} skipped (/dev/kvm {state})"
+    )

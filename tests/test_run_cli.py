@@ -22,11 +22,33 @@ def _readme_first_command() -> str:
 
 
 @pytest.mark.kvm
-def test_readme_first_command_boots_the_guest_and_exits() -> None:
+def test_readme_first_command_runs_the_demo_to_the_end() -> None:
     command = _readme_first_command()
     run_part = command.split("&&", 1)[1].strip()  # the install already happened
+    assert run_part == "ember demo"
     result = subprocess.run(
-        ["bash", "-c", run_part], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ember.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    out = result.stdout
+    assert "origin | READY vcpus=2 mem_mib=256" in out
+    assert "restored | CPUS 2 alive 2" in out
+    assert "each clone holds only its own changes" in out
+    assert "full snapshot" in out.split("timings", 1)[1]
+
+
+@pytest.mark.kvm
+def test_run_with_piped_commands_answers_and_resets() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "run", "--vcpus", "2"],
+        input="cpus\nreset\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "READY vcpus=2 mem_mib=128" in result.stdout
