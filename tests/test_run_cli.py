@@ -216,3 +216,32 @@ def test_triple_fault_stops_with_a_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("ember: vCPU 0: ")
     assert "triple" in lines[0] or "error" in lines[0]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("vcpus", [1, 32])
+def test_one_to_thirty_two_vcpus(vcpus: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "run", "--vcpus", str(vcpus)],
+        input="cpus\nreset\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"READY vcpus={vcpus} mem_mib=128" in result.stdout
+    assert f"CPUS {vcpus} alive {vcpus}" in result.stdout
+
+
+@pytest.mark.parametrize("vcpus", ["0", "33"])
+def test_vcpu_count_out_of_range_is_one_line(vcpus: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "run", "--vcpus", vcpus],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("ember: error: vcpu_count must be 1..32")
+    assert len(result.stderr.strip().splitlines()) == 1
