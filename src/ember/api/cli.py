@@ -161,6 +161,26 @@ def _add_socket(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_snapshot_create(args: argparse.Namespace) -> int:
+    return _reporting_api_errors(_snapshot_create, args)
+
+
+def _cmd_snapshot_load(args: argparse.Namespace) -> int:
+    return _reporting_api_errors(_snapshot_load, args)
+
+
+def _reporting_api_errors(
+    command: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    from ember.api.client import ApiRequestError
+
+    try:
+        return command(args)
+    except ApiRequestError as error:
+        print(f"ember: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _snapshot_create(args: argparse.Namespace) -> int:
     from ember.api.client import ApiClient
 
     with ApiClient(args.target_sock) as client:
@@ -191,7 +211,7 @@ def _cmd_snapshot_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_snapshot_load(args: argparse.Namespace) -> int:
+def _snapshot_load(args: argparse.Namespace) -> int:
     from ember.api.client import ApiClient
 
     body = {
