@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember")
 
 EXIT_INTERRUPTED = 130
+# Firecracker's level names; Python has no Trace, and Off is above every level.
+LOG_LEVELS = {
+    "Off": logging.CRITICAL + 10,
+    "Error": logging.ERROR,
+    "Warning": logging.WARNING,
+    "Info": logging.INFO,
+    "Debug": logging.DEBUG,
+    "Trace": logging.DEBUG,
+}
 
 
 class CliError(Exception):
@@ -97,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--level",
         default="Warning",
-        choices=["Error", "Warning", "Info", "Debug"],
+        choices=list(LOG_LEVELS),
         type=str.capitalize,
-        help="log level (default Warning)",
+        help="log level, as Firecracker's: Off, Error, Warning, Info, Debug, Trace "
+        "(default Warning)",
     )
     add_monitor_flags(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -271,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.level.upper()),
+        level=LOG_LEVELS[args.level],
         format="%(asctime)s [ember:%(threadName)s] %(levelname)s %(message)s",
     )
     if getattr(args, "handler", None) is None:
