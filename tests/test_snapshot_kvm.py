@@ -7,6 +7,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,3 +330,58 @@ def test_unwritable_directory_changes_nothing(
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tiny_tmpfs)], check=True)
     assert _digest(list(tiny_tmpfs.iterdir())) == before
+
+
+WRITER = """
+import sys
+from guest_io import InProcessGuest
+guest = InProcessGuest.boot(
+    sys.argv[1], vcpus=1, mem_mib=1024, huge_pages="Transparent"
+)
+assert guest.ask("fill 9 900", timeout=300) == "OK"
+guest.microvm.pause()
+print("writing", flush=True)
+guest.microvm.snapshot(sys.argv[2], sys.argv[3])
+print("done", flush=True)
+"""
+
+
+def test_killed_mid_write_leaves_the_old_snapshot_whole(
+    good_snapshot: tuple[str, str], tmp_path: Path, guest_elf: str
+) -> None:
+    state, mem = good_snapshot
+    before = _digest([Path(state), Path(mem)])
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    writer = subprocess.Popen(
+        [sys.executable, str(script), guest_elf, state, mem],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "writing"
+        directory = Path(mem).parent
+        deadline = time.monotonic() + 60
+        while not any(  # killed once the new memory file holds real data
+            p.name.endswith(".partial") and p.stat().st_blocks * 512 > 64 * MiB
+            for p in directory.iterdir()
+        ):
+            assert time.monotonic() < deadline, "the writer never started its file"
+            time.sleep(0.001)
+        writer.kill()
+        writer.wait()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
+    assert _digest([Path(state), Path(mem)]) == before
+    restored = InProcessGuest.restore(state, mem)
+    try:
+        assert restored.ask("check 8 16") == "OK"
+    finally:
+        restored.close()
