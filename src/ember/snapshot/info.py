@@ -7,8 +7,7 @@ from typing import Any
 
 import msgspec
 
-from ember.arch.x86_64.cpuid import vendor
-from ember.kvm.structs import KvmCpuidEntry2
+from ember.arch.x86_64.vcpu_state import saved_cpu_vendor
 from ember.snapshot.state import MicrovmState
 from ember.snapshot.state_file import load_versioned_state_file, version_text
 
@@ -40,17 +39,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _vendor(state: MicrovmState) -> str:
     if not state.vcpu_states:
         return "unknown"
-    entries = []
-    for item in state.vcpu_states[0].cpuid:
-        entry = KvmCpuidEntry2()
-        entry.function, entry.ebx, entry.ecx, entry.edx = (
-            item.function,
-            item.ebx,
-            item.ecx,
-            item.edx,
-        )
-        entries.append(entry)
-    return vendor(entries).decode(errors="replace") or "unknown"
+    saved = saved_cpu_vendor(state.vcpu_states[0].cpuid)
+    return saved.decode(errors="replace") or "unknown"
 
 
 def _devices(state: MicrovmState) -> list[str]:

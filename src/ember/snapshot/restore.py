@@ -16,9 +16,8 @@ import logging
 import time
 
 from ember.arch.x86_64.cpuid import vendor
-from ember.arch.x86_64.vcpu_state import restore_vcpu
+from ember.arch.x86_64.vcpu_state import restore_vcpu, saved_cpu_vendor
 from ember.arch.x86_64.vm_state import restore_vm
-from ember.kvm.structs import KvmCpuidEntry2
 from ember.kvm.system import Kvm, VcpuFd
 from ember.memory import GuestMemory
 from ember.memory.guest_memory import GuestMemoryError
@@ -87,17 +86,7 @@ def sanity_check(state: MicrovmState) -> None:
 
 def check_cpu_vendor(kvm: Kvm, state: MicrovmState, strict: bool) -> None:
     host = vendor(kvm.supported_cpuid())
-    entries = []
-    for item in state.vcpu_states[0].cpuid:
-        entry = KvmCpuidEntry2()
-        entry.function, entry.ebx, entry.ecx, entry.edx = (
-            item.function,
-            item.ebx,
-            item.ecx,
-            item.edx,
-        )
-        entries.append(entry)
-    saved = vendor(entries)
+    saved = saved_cpu_vendor(state.vcpu_states[0].cpuid)
     if saved == host:
         log.info("CPU vendor %s matches the snapshot", host.decode(errors="replace"))
         return

@@ -42,6 +42,17 @@ class CpuidEntry(msgspec.Struct, frozen=True, array_like=True):
     edx: int
 
 
+def saved_cpu_vendor(cpuid: list[CpuidEntry]) -> bytes:
+    """The 12-byte vendor string recorded in a saved CPUID table (leaf 0)."""
+    for entry in cpuid:
+        if entry.function == 0:
+            return b"".join(
+                value.to_bytes(4, "little")
+                for value in (entry.ebx, entry.edx, entry.ecx)
+            )
+    return b""
+
+
 class VcpuState(msgspec.Struct, frozen=True):
     """Everything KVM needs to bring one vCPU back exactly where it was."""
 
