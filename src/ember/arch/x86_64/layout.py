@@ -27,16 +27,34 @@ CMDLINE_MAX_SIZE = 4096
 EBDA_START = GuestAddress(0x9FC00)  # MP table lives here; RAM ends below it
 HIMEM_START = GuestAddress(0x100000)  # kernels load at 1 MiB
 
+# Firmware-owned memory between the EBDA and 1 MiB, which the e820 map leaves
+# out (so no guest kernel allocates it) but guest RAM still backs. The VMGenID
+# and VMClock pages must be RAM the guest can map; the RSDP sits at the start
+# of 0xE0000-0xFFFFF, where Linux and the test guest also look for it when the
+# boot protocol does not say, and the other ACPI tables follow it.
+VMGENID_START = GuestAddress(0xDE000)  # 16 bytes, alone on their page
+VMCLOCK_START = GuestAddress(0xDF000)  # one 4 KiB page
+ACPI_START = GuestAddress(0xE0000)
+ACPI_END = GuestAddress(0x100000)
+
 # The 32-bit MMIO gap: devices and the APICs, never RAM.
 MMIO32_START = GuestAddress(3 * GiB)
 MMIO32_END = GuestAddress(4 * GiB)
 IOAPIC_START = GuestAddress(0xFEC00000)
+# Device windows (virtio-mmio) are handed out from MMIO32_START up to here by
+# ember.vmm.resources.ResourceAllocator.
+MMIO32_DEVICES_END = IOAPIC_START
 LAPIC_START = GuestAddress(0xFEE00000)
 FIRST_ADDR_PAST_32BITS = GuestAddress(4 * GiB)
 
 # Legacy interrupt lines.
 SERIAL_IRQ = 4
 I8042_IRQ = 1
+PIT_IRQ = 0
+# GSIs for devices: IOAPIC pins above the legacy ones Ember wires (0-4), up to
+# the last of the in-kernel IOAPIC's 24 pins.
+FIRST_DEVICE_GSI = 5
+LAST_DEVICE_GSI = 23
 
 MAX_VCPUS = 32
 
