@@ -533,7 +533,7 @@ static int streq(const char *a, const char *b)
     return *a == *b;
 }
 
-#define MAX_WORDS 4
+#define MAX_WORDS 5
 
 static u32 split_words(char *line, char *words[MAX_WORDS + 1])
 {
@@ -550,6 +550,412 @@ static u32 split_words(char *line, char *words[MAX_WORDS + 1])
             p++;
     }
     return n;
+}
+
+/* ---- virtio-blk over virtio-mmio (version 2), driven from ring 3 ----
+ *
+ * Devices come from `virtio_mmio.device=<size>@<base>:<irq>` words on the
+ * command line (Linux's format). The registers are ordinary MMIO, which ring 3
+ * reaches directly; the driver polls the used ring instead of taking the
+ * interrupt, so no ring-0 code is involved. One queue of QSIZE entries; up to
+ * SLOTS requests in flight, each a fixed three-descriptor chain (header, data,
+ * status) using its own CHUNK-byte slice of blk_data. */
+
+#define VIRTIO_MMIO_MAGIC 0x74726976
+#define VREG_MAGIC 0x000
+#define VREG_VERSION 0x004
+#define VREG_DEVICE_ID 0x008
+#define VREG_DEVICE_FEATURES 0x010
+#define VREG_DEVICE_FEATURES_SEL 0x014
+#define VREG_DRIVER_FEATURES 0x020
+#define VREG_DRIVER_FEATURES_SEL 0x024
+#define VREG_QUEUE_SEL 0x030
+#define VREG_QUEUE_NUM_MAX 0x034
+#define VREG_QUEUE_NUM 0x038
+#define VREG_QUEUE_READY 0x044
+#define VREG_QUEUE_NOTIFY 0x050
+#define VREG_STATUS 0x070
+#define VREG_QUEUE_DESC 0x080
+#define VREG_QUEUE_DRIVER 0x090
+#define VREG_QUEUE_DEVICE 0x0a0
+#define VREG_CONFIG 0x100
+
+#define VSTATUS_ACK 1
+#define VSTATUS_DRIVER 2
+#define VSTATUS_DRIVER_OK 4
+#define VSTATUS_FEATURES_OK 8
+#define VSTATUS_NEEDS_RESET 0x40
+
+#define VF_BLK_RO 5 /* feature bits */
+#define VF_EVENT_IDX 29
+#define VF_VERSION_1 32
+
+#define VDESC_NEXT 1
+#define VDESC_WRITE 2
+
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_GET_ID 8
+
+#define QSIZE 64
+#define SLOTS 16 /* 3 descriptors each: 48 of QSIZE */
+#define CHUNK (128 * 1024)
+#define SECTOR 512
+
+struct vdesc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+struct blk_header {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+static struct {
+    struct vdesc desc[QSIZE] __attribute__((aligned(4096)));
+    struct {
+        u16 flags, idx, ring[QSIZE], used_event;
+    } avail __attribute__((aligned(4096)));
+    struct {
+        u16 flags, idx;
+        struct {
+            u32 id, len;
+        } ring[QSIZE];
+        u16 avail_event;
+    } used __attribute__((aligned(4096)));
+} vq;
+static u8 blk_data[SLOTS][CHUNK] __attribute__((aligned(4096)));
+static struct blk_header blk_hdr[SLOTS];
+static volatile u8 blk_status[SLOTS];
+static u8 blk_done[SLOTS];
+
+static u64 blk_base; /* 0: not probed yet */
+static int blk_state; /* 0 unprobed, 1 ready, -1 none/failed */
+static const char *blk_why = "no disk";
+static u64 blk_capacity;
+static int blk_ro, blk_event_idx;
+static u16 avail_idx, used_seen;
+
+static inline u32 vread(u64 reg)
+{
+    return *(volatile u32 *)(blk_base + reg);
+}
+
+static inline void vwrite(u64 reg, u32 value)
+{
+    *(volatile u32 *)(blk_base + reg) = value;
+}
+
+/* Linux's memparse: a number with an optional K, M or G suffix. */
+static const char *parse_size(const char *s, u64 *out)
+{
+    u64 v = 0, base = 10;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        s += 2;
+    }
+    for (;; s++) {
+        u64 d;
+        if (*s >= '0' && *s <= '9')
+            d = (u64)(*s - '0');
+        else if (base == 16 && *s >= 'a' && *s <= 'f')
+            d = (u64)(*s - 'a' + 10);
+        else if (base == 16 && *s >= 'A' && *s <= 'F')
+            d = (u64)(*s - 'A' + 10);
+        else
+            break;
+        v = v * base + d;
+    }
+    if (*s == 'K' || *s == 'k')
+        v <<= 10, s++;
+    else if (*s == 'M' || *s == 'm')
+        v <<= 20, s++;
+    else if (*s == 'G' || *s == 'g')
+        v <<= 30, s++;
+    *out = v;
+    return s;
+}
+
+/* The next `virtio_mmio.device=` base on the command line after `from`. */
+static const char *next_mmio_device(const char *from, u64 *base)
+{
+    static const char key[] = "virtio_mmio.device=";
+    for (const char *p = from; *p; p++) {
+        if ((p != from && p[-1] != ' ') || memcmp(p, key, sizeof(key) - 1))
+            continue;
+        u64 size;
+        const char *q = parse_size(p + sizeof(key) - 1, &size);
+        if (*q != '@')
+            continue;
+        q = parse_size(q + 1, base);
+        return q;
+    }
+    return 0;
+}
+
+static u64 blk_feature_bit(u32 bit)
+{
+    vwrite(VREG_DEVICE_FEATURES_SEL, bit / 32);
+    return (vread(VREG_DEVICE_FEATURES) >> (bit % 32)) & 1;
+}
+
+static int blk_setup(void)
+{
+    vwrite(VREG_STATUS, 0);
+    vwrite(VREG_STATUS, VSTATUS_ACK);
+    vwrite(VREG_STATUS, VSTATUS_ACK | VSTATUS_DRIVER);
+    if (!blk_feature_bit(VF_VERSION_1)) {
+        blk_why = "device is not virtio 1";
+        return 0;
+    }
+    blk_ro = (int)blk_feature_bit(VF_BLK_RO);
+    blk_event_idx = (int)blk_feature_bit(VF_EVENT_IDX);
+    vwrite(VREG_DRIVER_FEATURES_SEL, 0);
+    vwrite(VREG_DRIVER_FEATURES, (u32)(blk_ro << VF_BLK_RO | blk_event_idx << VF_EVENT_IDX));
+    vwrite(VREG_DRIVER_FEATURES_SEL, 1);
+    vwrite(VREG_DRIVER_FEATURES, 1); /* VERSION_1 */
+    u32 status = VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK;
+    vwrite(VREG_STATUS, status);
+    if (!(vread(VREG_STATUS) & VSTATUS_FEATURES_OK)) {
+        blk_why = "features refused";
+        return 0;
+    }
+    vwrite(VREG_QUEUE_SEL, 0);
+    if (vread(VREG_QUEUE_NUM_MAX) < QSIZE) {
+        blk_why = "queue too small";
+        return 0;
+    }
+    memset(&vq, 0, sizeof(vq));
+    for (u32 s = 0; s < SLOTS; s++) {
+        struct vdesc *d = &vq.desc[3 * s];
+        d[0] = (struct vdesc){ (u64)&blk_hdr[s], sizeof(struct blk_header), VDESC_NEXT, (u16)(3 * s + 1) };
+        d[1] = (struct vdesc){ (u64)blk_data[s], CHUNK, VDESC_NEXT, (u16)(3 * s + 2) };
+        d[2] = (struct vdesc){ (u64)&blk_status[s], 1, VDESC_WRITE, 0 };
+    }
+    avail_idx = used_seen = 0;
+    vwrite(VREG_QUEUE_NUM, QSIZE);
+    u64 rings[3] = { (u64)vq.desc, (u64)&vq.avail, (u64)&vq.used };
+    for (u32 i = 0; i < 3; i++) {
+        vwrite(VREG_QUEUE_DESC + 0x10 * i, (u32)rings[i]);
+        vwrite(VREG_QUEUE_DESC + 0x10 * i + 4, (u32)(rings[i] >> 32));
+    }
+    vwrite(VREG_QUEUE_READY, 1);
+    vwrite(VREG_STATUS, status | VSTATUS_DRIVER_OK);
+    if (vread(VREG_STATUS) & VSTATUS_NEEDS_RESET) {
+        blk_why = "device needs reset";
+        return 0;
+    }
+    blk_capacity = vread(VREG_CONFIG) | (u64)vread(VREG_CONFIG + 4) << 32;
+    return 1;
+}
+
+/* Find and set up the first virtio-blk device, once. */
+static int blk_ready(void)
+{
+    if (blk_state)
+        return blk_state > 0;
+    blk_state = -1;
+    const struct hvm_start_info *si = start_info();
+    if (si->magic != HVM_START_MAGIC || !si->cmdline_paddr)
+        return 0;
+    const char *p = (const char *)si->cmdline_paddr;
+    u64 base;
+    while ((p = next_mmio_device(p, &base))) {
+        if (base < 3 * GIB || base >= 4 * GIB)
+            continue; /* the identity map covers MMIO in GiB 3 only */
+        blk_base = base;
+        if (vread(VREG_MAGIC) != VIRTIO_MMIO_MAGIC || vread(VREG_DEVICE_ID) != 2)
+            continue;
+        if (vread(VREG_VERSION) != 2) {
+            blk_why = "legacy virtio-mmio (version 1) device";
+            continue;
+        }
+        blk_state = blk_setup() ? 1 : -1;
+        return blk_state > 0;
+    }
+    return 0;
+}
+
+static void blk_submit(u32 slot, u32 type, u64 sector, u32 bytes)
+{
+    blk_hdr[slot] = (struct blk_header){ type, 0, sector };
+    blk_status[slot] = 0xFF;
+    struct vdesc *data = &vq.desc[3 * slot + 1];
+    if (bytes) {
+        data->len = bytes;
+        data->flags = VDESC_NEXT | (type == BLK_T_OUT ? 0 : VDESC_WRITE);
+        vq.desc[3 * slot].next = (u16)(3 * slot + 1);
+    } else {
+        vq.desc[3 * slot].next = (u16)(3 * slot + 2); /* header, status */
+    }
+    vq.avail.ring[avail_idx % QSIZE] = (u16)(3 * slot);
+    asm volatile("" ::: "memory"); /* x86 keeps stores in order */
+    avail_idx++;
+    *(volatile u16 *)&vq.avail.idx = avail_idx;
+}
+
+/* Tell the device about chains added since `old` (EVENT_IDX: only if it asked). */
+static void blk_kick(u16 old)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx store before avail_event load */
+    if (blk_event_idx) {
+        u16 event = *(volatile u16 *)&vq.used.avail_event;
+        if ((u16)(avail_idx - event - 1) >= (u16)(avail_idx - old))
+            return;
+    }
+    vwrite(VREG_QUEUE_NOTIFY, 0);
+}
+
+/* Mark finished slots; returns how many completions were seen. */
+static u32 blk_reap(void)
+{
+    u32 n = 0;
+    while (*(volatile u16 *)&vq.used.idx != used_seen) {
+        asm volatile("" ::: "memory");
+        u32 id = vq.used.ring[used_seen % QSIZE].id;
+        if (id / 3 < SLOTS)
+            blk_done[id / 3] = 1;
+        used_seen++;
+        n++;
+    }
+    return n;
+}
+
+static void fill_pattern(u64 *w, u64 seed, u64 disk_offset, u64 bytes)
+{
+    for (u64 i = 0; i < bytes / 8; i++)
+        w[i] = mix64(seed ^ (disk_offset + 8 * i));
+}
+
+static u64 fnv_words(u64 h, const u64 *w, u64 bytes)
+{
+    for (u64 i = 0; i < bytes / 8; i++) {
+        h ^= w[i];
+        h *= 0x100000001b3UL;
+    }
+    return h;
+}
+
+#define BLK_TIMEOUT_TICKS 1000 /* 10 s without a completion */
+
+/* Stream `count` sectors from `sector` in CHUNK pieces, SLOTS at a time.
+ * Writes fill each piece with the pattern first; reads fold each finished
+ * piece, in disk order, into *sum. Returns 0, or the first bad status + 1,
+ * or -1 on timeout. */
+static int blk_stream(u32 type, u64 sector, u64 count, u64 seed, u64 *sum)
+{
+    u64 chunks = (count * SECTOR + CHUNK - 1) / CHUNK;
+    u64 submitted = 0, retired = 0;
+    u64 deadline = fine_ticks + BLK_TIMEOUT_TICKS;
+    int result = 0;
+    while (retired < chunks) {
+        u16 old = avail_idx;
+        while (submitted < chunks && submitted - retired < SLOTS) {
+            u32 slot = (u32)(submitted % SLOTS);
+            u64 offset = submitted * CHUNK;
+            u64 bytes = count * SECTOR - offset < CHUNK ? count * SECTOR - offset : CHUNK;
+            if (type == BLK_T_OUT)
+                fill_pattern((u64 *)blk_data[slot], seed, sector * SECTOR + offset, bytes);
+            blk_submit(slot, type, sector + offset / SECTOR, (u32)bytes);
+            submitted++;
+        }
+        if (avail_idx != old)
+            blk_kick(old);
+        if (blk_reap())
+            deadline = fine_ticks + BLK_TIMEOUT_TICKS;
+        else if (fine_ticks > deadline)
+            return -1;
+        else
+            cpu_relax();
+        while (retired < submitted && blk_done[retired % SLOTS]) {
+            u32 slot = (u32)(retired % SLOTS);
+            u64 offset = retired * CHUNK;
+            u64 bytes = count * SECTOR - offset < CHUNK ? count * SECTOR - offset : CHUNK;
+            blk_done[slot] = 0;
+            if (blk_status[slot] && !result)
+                result = blk_status[slot] + 1;
+            if (type == BLK_T_IN)
+                *sum = fnv_words(*sum, (const u64 *)blk_data[slot], bytes);
+            retired++;
+        }
+    }
+    return result;
+}
+
+static void say_status(int r)
+{
+    char line[48], *p;
+    if (r < 0) {
+        say("ERR timeout");
+        return;
+    }
+    p = put_str(line, "ERR status ");
+    p = put_dec(p, (u64)(r - 1));
+    *p = 0;
+    say(line);
+}
+
+static void cmd_blk(char **args, u32 nargs)
+{
+    u64 sector, count, seed = 0;
+    int is_write = nargs == 4 && streq(args[0], "write");
+    int is_read = nargs == 3 && streq(args[0], "read");
+    if (nargs == 1 && streq(args[0], "info")) {
+        if (!blk_ready()) {
+            char line[64], *p = put_str(line, "ERR ");
+            p = put_str(p, blk_why);
+            *p = 0;
+            say(line);
+            return;
+        }
+        char id[21] = { 0 }, line[96], *p;
+        memset(blk_data[0], 0, 20);
+        blk_submit(0, BLK_T_GET_ID, 0, 20);
+        blk_kick((u16)(avail_idx - 1));
+        u64 deadline = fine_ticks + BLK_TIMEOUT_TICKS;
+        while (!blk_reap() && fine_ticks < deadline)
+            cpu_relax();
+        blk_done[0] = 0;
+        memcpy(id, blk_data[0], 20);
+        p = put_str(line, "BLK sectors=");
+        p = put_dec(p, blk_capacity);
+        p = put_str(p, blk_ro ? " ro=1 id=" : " ro=0 id=");
+        p = put_str(p, blk_status[0] ? "?" : id);
+        *p = 0;
+        say(line);
+        return;
+    }
+    if ((!is_write && !is_read) || !parse_u64(args[1], &sector) ||
+        !parse_u64(args[2], &count) || (is_write && !parse_u64(args[3], &seed)) ||
+        count == 0 || count > (1UL << 40) / SECTOR) {
+        say("ERR usage: blk info | blk write <sector> <count> <seed> | blk read <sector> <count>");
+        return;
+    }
+    if (!blk_ready()) {
+        char line[64], *p = put_str(line, "ERR ");
+        p = put_str(p, blk_why);
+        *p = 0;
+        say(line);
+        return;
+    }
+    u64 sum = 0xcbf29ce484222325UL; /* FNV-1a 64 offset basis */
+    int r = blk_stream(is_write ? BLK_T_OUT : BLK_T_IN, sector, count, seed, &sum);
+    if (r) {
+        say_status(r);
+        return;
+    }
+    if (is_write) {
+        say("OK");
+        return;
+    }
+    char line[48], *p = put_str(line, "SUM ");
+    p = put_hex(p, sum);
+    *p = 0;
+    say(line);
 }
 
 /* ---- commands ---- */
@@ -643,6 +1049,8 @@ static void run_command(char *line)
         cmd_fill_check(streq(cmd, "check"), words + 1, n - 1);
     } else if (streq(cmd, "fpu")) {
         cmd_fpu(words + 1, n - 1);
+    } else if (streq(cmd, "blk") && n >= 2) {
+        cmd_blk(words + 1, n - 1);
     } else if (streq(cmd, "cpus") && n == 1) {
         cmd_cpus();
     } else if (streq(cmd, "reset") && n == 1) {

@@ -70,7 +70,15 @@ class SnapshotStats:
 
 
 def capture_state(microvm: Microvm) -> MicrovmState:
-    devices = DevicesState(serial=microvm.serial.save(), i8042=microvm.i8042.save())
+    microvm.settle_devices()  # nothing in flight, disks flushed
+    devices = DevicesState(
+        serial=microvm.serial.save(),
+        i8042=microvm.i8042.save(),
+        block=[
+            drive.device.save(drive.slot, drive.transport.save())
+            for drive in microvm.drives.values()
+        ],
+    )
     msr_indices = microvm.kvm.msr_index_list()
     xsave_size = max(4096, microvm.kvm.check_extension(ioctls.KVM_CAP_XSAVE2))
     vcpus = [save_vcpu(vcpu.fd, msr_indices, xsave_size) for vcpu in microvm.vcpus]
@@ -156,3 +164,5 @@ def _reset_dirty_tracking(microvm: Microvm) -> None:
             microvm.vm.get_dirty_log(slot, dirty_bitmap_for(region))
     for region in microvm.memory:
         region.monitor_dirty[:] = bytes(len(region.monitor_dirty))
+    # The device writes virtqueues on its own; the next diff must hold them.
+    microvm.mark_queues_dirty()

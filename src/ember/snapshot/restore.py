@@ -18,6 +18,8 @@ import time
 from ember.arch.x86_64.cpuid import vendor
 from ember.arch.x86_64.vcpu_state import restore_vcpu, saved_cpu_vendor
 from ember.arch.x86_64.vm_state import restore_vm
+from ember.devices.virtio.block import BlockError
+from ember.devices.virtio.mmio import VirtioRestoreError
 from ember.kvm.system import Kvm, VcpuFd
 from ember.memory import GuestMemory
 from ember.memory.guest_memory import GuestMemoryError
@@ -60,6 +62,10 @@ class CpuVendorMismatchError(SnapshotLoadError):
 
 
 class MemoryFileError(SnapshotLoadError):
+    pass
+
+
+class DriveRestoreError(SnapshotLoadError):
     pass
 
 
@@ -139,7 +145,9 @@ def restore_microvm(
         microvm.attach_devices(console or Console.stdio())
         microvm.serial.restore(state.device_states.serial)
         microvm.i8042.restore(state.device_states.i8042)
+        _restore_drives(microvm, state)
         microvm.start(microvm.pending_vcpu_fds, paused=True)
+        microvm.kick_devices()
     except BaseException:
         microvm.close()
         raise
@@ -164,6 +172,14 @@ def _restore_into(microvm: Microvm, state: MicrovmState, clock_realtime: bool) -
         _match_tsc_frequency(fd, vcpu_state.tsc_khz)
         restore_vcpu(fd, vcpu_state)
     restore_vm(microvm.vm, state.vm_state.kvm, clock_realtime)
+
+
+def _restore_drives(microvm: Microvm, state: MicrovmState) -> None:
+    for drive in state.device_states.block:
+        try:
+            microvm.restore_drive(drive)
+        except (BlockError, VirtioRestoreError) as error:
+            raise DriveRestoreError(f"drive {drive.drive_id}: {error}") from None
 
 
 def _match_tsc_frequency(fd: VcpuFd, saved_khz: int | None) -> None:

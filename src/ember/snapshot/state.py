@@ -14,6 +14,7 @@ from ember.arch.x86_64.vcpu_state import VcpuState
 from ember.arch.x86_64.vm_state import KvmVmState
 from ember.devices.legacy.i8042 import I8042State
 from ember.devices.legacy.serial import SerialState
+from ember.devices.virtio.block import BlockState
 
 
 class BootSourceInfo(msgspec.Struct, frozen=True):
@@ -53,6 +54,8 @@ class VmState(msgspec.Struct, frozen=True):
 class DevicesState(msgspec.Struct, frozen=True):
     serial: SerialState
     i8042: I8042State
+    # Added with virtio; older state files have none.
+    block: list[BlockState] = []
 
 
 class MicrovmState(msgspec.Struct, frozen=True):

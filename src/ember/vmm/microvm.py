@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,13 +21,25 @@ from ember.arch.x86_64 import layout, regs
 from ember.arch.x86_64.cpuid import normalize_cpuid
 from ember.arch.x86_64.msrs import boot_msrs
 from ember.boot import load_kernel
-from ember.devices.bus import PortBus, RateLimitedLog
+from ember.devices.bus import PortBus
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial8250
+from ember.devices.mmio_bus import MmioBus
+from ember.devices.virtio.attach import MmioAttachment, allocate_slots
+from ember.devices.virtio.block import Block, BlockState, drive_from_state, root_args
+from ember.devices.virtio.mmio import MmioSlot, MmioTransport
 from ember.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
 from ember.kvm.system import Kvm, VcpuFd, VmFd
 from ember.memory import GuestMemory
-from ember.vmm.config import BootSource, MachineConfig, validate_machine
+from ember.memory.address import GuestAddress
+from ember.memory.guest_memory import GuestMemoryError
+from ember.vmm.config import (
+    BootSource,
+    DriveConfig,
+    MachineConfig,
+    validate_drives,
+    validate_machine,
+)
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.vcpu import (
     ExitHandlers,
@@ -100,7 +112,8 @@ class Microvm:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._paused = False
-        self._mmio_log = RateLimitedLog()
+        self.mmio_bus = MmioBus()
+        self.drives: dict[str, MmioAttachment[Block]] = {}
         self.serial: Serial8250
         self.i8042: I8042
         self._unstarted_fds: list[VcpuFd] = []
@@ -113,9 +126,14 @@ class Microvm:
         machine: MachineConfig,
         boot: BootSource,
         console: Console | None = None,
+        drives: Sequence[DriveConfig] = (),
     ) -> Microvm:
-        """Build a microVM, load its kernel and start it running."""
+        """Build a microVM, load its kernel and start it running. Each drive
+        becomes a virtio-block device (the root device first, so it is vda)."""
         validate_machine(machine)
+        drives = sorted(drives, key=lambda drive: not drive.is_root_device)
+        validate_drives(drives)
+        slots = allocate_slots(len(drives))
         memory = GuestMemory.anonymous(
             layout.ram_layout(machine.mem_size_mib << 20),
             transparent_huge_pages=machine.huge_pages == "Transparent",
@@ -127,7 +145,7 @@ class Microvm:
                 microvm.memory,
                 boot.kernel_image_path,
                 initrd_path=boot.initrd_path,
-                cmdline=boot.boot_args,
+                cmdline=_with_devices(boot.boot_args, drives, slots),
                 vcpu_count=machine.vcpu_count,
             )
             fds = microvm.create_vcpus()
@@ -136,6 +154,8 @@ class Microvm:
                 fds[0], info.protocol, info.entry, info.boot_struct
             )
             microvm.attach_devices(console or Console.stdio())
+            for drive, slot in zip(drives, slots, strict=True):
+                microvm.attach_drive(drive, slot)
             microvm.start(fds, paused=False)
         except BaseException:
             microvm.close()
@@ -240,6 +260,59 @@ class Microvm:
         if console.input_fd is not None:
             self._watch_console_input(console.input_fd)
 
+    def attach_drive(self, drive: DriveConfig, slot: MmioSlot) -> MmioAttachment[Block]:
+        """A virtio-block device for `drive` in `slot` (before the vCPUs start:
+        the kernel learns about it from the command line or ACPI)."""
+        block = Block(drive)
+        try:
+            transport = MmioTransport(
+                block, self.memory, self._interrupt(slot.irq).trigger
+            )
+            attachment = MmioAttachment(
+                block, transport, slot, self.vm, self.mmio_bus, self.loop
+            )
+        except BaseException:
+            block.close()
+            raise
+        self.drives[drive.drive_id] = attachment
+        return attachment
+
+    def restore_drive(self, state: BlockState) -> None:
+        """Reopen a saved drive by its path and put its transport back."""
+        attachment = self.attach_drive(drive_from_state(state), state.slot)
+        attachment.transport.restore(state.transport)
+
+    def update_drive(self, drive_id: str, path_on_host: str) -> None:
+        """Back a running drive with another file; the guest is told its
+        capacity may have changed."""
+        attachment = self.drives.get(drive_id)
+        if attachment is None:
+            raise KeyError(f"no drive {drive_id!r}")
+        with attachment.transport.lock:
+            attachment.device.replace_backing(path_on_host)
+        attachment.transport.config_changed()
+
+    def settle_devices(self) -> None:
+        """Serve every request the guest has made and flush the disks, so a
+        snapshot taken now holds no request in flight (vCPUs must be paused)."""
+        for attachment in self.drives.values():
+            attachment.transport.drain()
+            with attachment.transport.lock:
+                attachment.device.flush()
+
+    def kick_devices(self) -> None:
+        """After a restore: serve what the guest queued before the snapshot and
+        re-raise interrupts it has not acknowledged."""
+        for attachment in self.drives.values():
+            attachment.transport.kick()
+
+    def mark_queues_dirty(self) -> None:
+        """Count virtqueue pages as written, so the next diff snapshot has them."""
+        for attachment in self.drives.values():
+            for address, length in attachment.transport.queue_areas():
+                with contextlib.suppress(GuestMemoryError):
+                    self.memory.mark_dirty(GuestAddress(address), length)
+
     def _interrupt(self, gsi: int) -> _Interrupt:
         interrupt = _Interrupt(self.vm, gsi)
         self._interrupts.append(interrupt)
@@ -268,8 +341,8 @@ class Microvm:
         handlers = ExitHandlers(
             port_read=self.bus.read,
             port_write=self.bus.write,
-            mmio_read=self._unhandled_mmio_read,
-            mmio_write=self._unhandled_mmio_write,
+            mmio_read=self.mmio_bus.read,
+            mmio_write=self.mmio_bus.write,
         )
         self.vcpus = [VcpuThread(fd, handlers, self._on_vcpu_stop) for fd in fds]
         self._unstarted_fds = []
@@ -277,15 +350,6 @@ class Microvm:
         for vcpu in self.vcpus:
             vcpu.start(paused=paused)
         self._paused = paused
-
-    def _unhandled_mmio_read(self, address: int, size: int) -> bytes:
-        if self._mmio_log.allow():
-            log.debug("unhandled MMIO read at %#x", address)
-        return b"\xff" * size
-
-    def _unhandled_mmio_write(self, address: int, data: bytes) -> None:
-        if self._mmio_log.allow():
-            log.debug("unhandled MMIO write at %#x", address)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -391,9 +455,24 @@ class Microvm:
             vcpu.fd.close()
         for fd in self._unstarted_fds:
             fd.close()
+        for attachment in self.drives.values():
+            attachment.close()
+            attachment.device.close()
+        self.drives = {}
         for interrupt in self._interrupts:
             interrupt.close()
         self._interrupts = []
         self.memory.close()
         self.vm.close()
         self.kvm.close()
+
+
+def _with_devices(
+    boot_args: str, drives: Sequence[DriveConfig], slots: Sequence[MmioSlot]
+) -> str:
+    """The command line with the root device and Linux's virtio_mmio.device=
+    entries appended (as Firecracker does for kernels that read them)."""
+    parts = [boot_args] if boot_args else []
+    parts.extend(root_args(drive) for drive in drives if drive.is_root_device)
+    parts.extend(slot.cmdline_entry() for slot in slots)
+    return " ".join(parts)

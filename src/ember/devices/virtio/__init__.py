@@ -1,0 +1,1 @@
+"""Virtio devices on the MMIO transport: split virtqueues, the transport, block."""
