@@ -97,6 +97,13 @@ void user_main_bsp(void) __attribute__((noreturn));
 void user_main_ap(u64 cpu) __attribute__((noreturn));
 extern u8 user_stacks[MAX_CPUS][USTACK_SIZE];
 
+/* --- user.c, for acpi.c --- */
+int is_mapped(u64 addr, u64 len); /* inside the identity map */
+const u8 *find_rsdp(void); /* start info, EBDA or 0xE0000-0xFFFFF; 0 if none */
+
+/* --- acpi.c --- */
+void genid_line(char *out); /* "GENID <hex> <n>" or "ERR ..."; 96 bytes */
+
 /* --- lib.c --- */
 void *memcpy(void *dst, const void *src, u64 n);
 void *memset(void *dst, int c, u64 n);

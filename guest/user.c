@@ -112,7 +112,7 @@ static void map_ram(void)
     mapped_end = (gib > 1 ? gib : 1) * GIB;
 }
 
-static int is_mapped(u64 addr, u64 len)
+int is_mapped(u64 addr, u64 len)
 {
     u64 end = addr + len;
     if (end < addr)
@@ -158,7 +158,7 @@ static u64 ebda_base(void)
     return ebda >= 0x80000 && ebda < 0xA0000 ? ebda : 0;
 }
 
-static const u8 *find_rsdp(void)
+const u8 *find_rsdp(void)
 {
     const struct hvm_start_info *si = start_info();
     const u8 *p = 0;
@@ -1053,6 +1053,10 @@ static void run_command(char *line)
         cmd_blk(words + 1, n - 1);
     } else if (streq(cmd, "cpus") && n == 1) {
         cmd_cpus();
+    } else if (streq(cmd, "genid") && n == 1) {
+        char out[96];
+        genid_line(out);
+        say(out);
     } else if (streq(cmd, "reset") && n == 1) {
         syscall2(SYS_RESET, 0, 0);
         say("ERR reset failed");

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["GuestBuildError", "build_guest", "guest_path", "guest_source_dir"]
 
 # The files that make up the guest; their order is the link order.
-_SOURCES = ("entry.S", "kernel.c", "user.c", "lib.c")
+_SOURCES = ("entry.S", "kernel.c", "user.c", "acpi.c", "lib.c")
 _LINKER_SCRIPT = "linker.ld"
 _SOURCE_SUFFIXES = (".c", ".h", ".S", ".ld")
 

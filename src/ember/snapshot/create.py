@@ -78,6 +78,8 @@ def capture_state(microvm: Microvm) -> MicrovmState:
             drive.device.save(drive.slot, drive.transport.save())
             for drive in microvm.drives.values()
         ],
+        vmgenid=None if microvm.vmgenid is None else microvm.vmgenid.save(),
+        vmclock=None if microvm.vmclock is None else microvm.vmclock.save(),
     )
     msr_indices = microvm.kvm.msr_index_list()
     xsave_size = max(4096, microvm.kvm.check_extension(ioctls.KVM_CAP_XSAVE2))

@@ -146,6 +146,10 @@ def restore_microvm(
         microvm.serial.restore(state.device_states.serial)
         microvm.i8042.restore(state.device_states.i8042)
         _restore_drives(microvm, state)
+        # After vCPU and VM state, so the interrupts they raise are not lost.
+        microvm.restore_acpi_devices(
+            state.device_states.vmgenid, state.device_states.vmclock
+        )
         microvm.start(microvm.pending_vcpu_fds, paused=True)
         microvm.kick_devices()
     except BaseException:

@@ -12,6 +12,8 @@ import msgspec
 
 from ember.arch.x86_64.vcpu_state import VcpuState
 from ember.arch.x86_64.vm_state import KvmVmState
+from ember.devices.acpi.vmclock import VmClockState
+from ember.devices.acpi.vmgenid import VmGenIdState
 from ember.devices.legacy.i8042 import I8042State
 from ember.devices.legacy.serial import SerialState
 from ember.devices.virtio.block import BlockState
@@ -56,6 +58,9 @@ class DevicesState(msgspec.Struct, frozen=True):
     i8042: I8042State
     # Added with virtio; older state files have none.
     block: list[BlockState] = []
+    # Added with ACPI; a guest restored from an older file gets neither.
+    vmgenid: VmGenIdState | None = None
+    vmclock: VmClockState | None = None
 
 
 class MicrovmState(msgspec.Struct, frozen=True):

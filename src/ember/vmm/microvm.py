@@ -18,9 +18,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ember.arch.x86_64 import layout, regs
+from ember.arch.x86_64.acpi import (
+    NotifyingDevice,
+    VirtioMmioAcpiDevice,
+    write_acpi_tables,
+)
 from ember.arch.x86_64.cpuid import normalize_cpuid
 from ember.arch.x86_64.msrs import boot_msrs
 from ember.boot import load_kernel
+from ember.devices.acpi.vmclock import VmClock, VmClockState
+from ember.devices.acpi.vmgenid import VmGenId, VmGenIdState
 from ember.devices.bus import PortBus
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial8250
@@ -41,6 +48,7 @@ from ember.vmm.config import (
     validate_machine,
 )
 from ember.vmm.event_loop import EventLoop
+from ember.vmm.resources import ResourceAllocator
 from ember.vmm.vcpu import (
     ExitHandlers,
     VcpuRunState,
@@ -114,6 +122,8 @@ class Microvm:
         self._paused = False
         self.mmio_bus = MmioBus()
         self.drives: dict[str, MmioAttachment[Block]] = {}
+        self.vmgenid: VmGenId | None = None
+        self.vmclock: VmClock | None = None
         self.serial: Serial8250
         self.i8042: I8042
         self._unstarted_fds: list[VcpuFd] = []
@@ -141,12 +151,16 @@ class Microvm:
         microvm = cls.create(machine, memory)
         microvm.boot_source = boot
         try:
+            rsdp = microvm.create_acpi_devices(
+                [VirtioMmioAcpiDevice(s.base, s.size, s.irq) for s in slots]
+            )
             info = load_kernel(
                 microvm.memory,
                 boot.kernel_image_path,
                 initrd_path=boot.initrd_path,
                 cmdline=_with_devices(boot.boot_args, drives, slots),
                 vcpu_count=machine.vcpu_count,
+                rsdp_address=rsdp,
             )
             fds = microvm.create_vcpus()
             microvm._configure_boot_vcpus(fds)
@@ -312,6 +326,57 @@ class Microvm:
             for address, length in attachment.transport.queue_areas():
                 with contextlib.suppress(GuestMemoryError):
                     self.memory.mark_dirty(GuestAddress(address), length)
+
+    def create_acpi_devices(
+        self, virtio_devices: Sequence[VirtioMmioAcpiDevice]
+    ) -> GuestAddress:
+        """At boot: a VMGenID and a VMClock device on GSIs the virtio devices
+        do not use, and the ACPI tables that describe them all (the virtio
+        devices' windows and GSIs as given). Returns the RSDP's address for
+        the boot protocol."""
+        resources = ResourceAllocator()
+        for virtio in virtio_devices:
+            resources.reserve_mmio(virtio.base, virtio.size)
+            resources.reserve_gsi(virtio.gsi)
+        genid_gsi = resources.allocate_gsi()
+        clock_gsi = resources.allocate_gsi()
+        self.vmgenid = VmGenId.create(
+            self.memory,
+            layout.VMGENID_START,
+            genid_gsi,
+            self._interrupt(genid_gsi).trigger,
+        )
+        self.vmclock = VmClock.create(
+            self.memory,
+            layout.VMCLOCK_START,
+            clock_gsi,
+            self._interrupt(clock_gsi).trigger,
+        )
+        return write_acpi_tables(
+            self.memory,
+            self.machine.vcpu_count,
+            virtio_devices,
+            vmgenid=NotifyingDevice(self.vmgenid.address, genid_gsi),
+            vmclock=NotifyingDevice(self.vmclock.address, clock_gsi),
+        )
+
+    def restore_acpi_devices(
+        self, vmgenid: VmGenIdState | None, vmclock: VmClockState | None
+    ) -> None:
+        """After a restore, once vCPU and VM state are in place: a fresh
+        generation ID and VMClock generation, each announced by an interrupt
+        (the interrupt controllers' restored state would otherwise drop it).
+        Snapshots from before these devices existed restore without them."""
+        if vmgenid is not None:
+            self.vmgenid = VmGenId.restore(
+                self.memory, vmgenid, self._interrupt(vmgenid.gsi).trigger
+            )
+            self.vmgenid.new_generation()
+        if vmclock is not None:
+            self.vmclock = VmClock.restore(
+                self.memory, vmclock, self._interrupt(vmclock.gsi).trigger
+            )
+            self.vmclock.new_generation()
 
     def _interrupt(self, gsi: int) -> _Interrupt:
         interrupt = _Interrupt(self.vm, gsi)
