@@ -15,6 +15,7 @@ from ember.api.cli import (
     run_monitor_from_args,
     wants_monitor,
 )
+from ember.uffd_handler.cli import add_uffd_handler_command
 
 if TYPE_CHECKING:
     from ember.vmm.microvm import Microvm
@@ -85,6 +86,12 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="MEM",
         help="the memory file that goes with --snapshot",
     )
+    run.add_argument(
+        "--uffd",
+        metavar="SOCKET",
+        help="instead of --mem-file: a page-fault handler's socket that serves "
+        "the snapshot's memory (see ember uffd-handler)",
+    )
     run.set_defaults(handler=_cmd_run)
 
 
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(subparsers)
     _add_guest(subparsers)
+    add_uffd_handler_command(subparsers)
     _add_snapshot(subparsers)
     demo = subparsers.add_parser(
         "demo",
@@ -195,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ember.vmm.config import DEFAULT_CMDLINE, BootSource, MachineConfig
     from ember.vmm.microvm import Microvm
 
-    if args.snapshot is not None or args.mem_file is not None:
+    if args.snapshot is not None or args.mem_file is not None or args.uffd:
         return _run_until_stopped(_restore_from_args(args))
     kernel = args.kernel
     if kernel is None:
@@ -219,14 +227,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _restore_from_args(args: argparse.Namespace) -> Microvm:
     from ember.vmm.microvm import Microvm
 
-    if args.snapshot is None or args.mem_file is None:
-        raise CliError("--snapshot and --mem-file go together")
+    if args.snapshot is None or (args.mem_file is None) == (args.uffd is None):
+        raise CliError("--snapshot goes with one of --mem-file and --uffd")
     if args.kernel or args.initrd or args.cmdline:
         raise CliError(
             "--kernel, --initrd and --cmdline cannot be used with --snapshot"
         )
     return Microvm.restore(
-        args.snapshot, args.mem_file, track_dirty_pages=args.track_dirty_pages
+        args.snapshot,
+        args.uffd or args.mem_file,
+        track_dirty_pages=args.track_dirty_pages,
+        mem_backend="Uffd" if args.uffd else "File",
     )
 
 

@@ -97,6 +97,11 @@ class GuestRegion:
             self.mapping.close()
 
 
+MAP_HUGETLB = 0x40000
+MAP_HUGE_2MB = 21 << 26  # log2(2 MiB) in the MAP_HUGE_SHIFT field
+HUGE_PAGE_SIZE = 2 * 1024 * 1024
+
+
 def _anonymous_mapping(size: int, transparent_huge_pages: bool) -> mmap.mmap:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -130,6 +135,44 @@ class GuestMemory:
                 )
             )
             offset += size
+        return cls(regions)
+
+    @classmethod
+    def for_userfaultfd(
+        cls, layout: list[tuple[int, int]], hugetlb: bool = False
+    ) -> GuestMemory:
+        """Anonymous memory that a page-fault handler will fill (the Uffd backend).
+
+        4 KiB pages, or 2 MiB hugetlbfs pages taken from the host's pool. Transparent
+        huge pages are not used: the kernel never allocates them while resolving a
+        userfault. A page not yet touched holds whatever the handler will serve, not
+        zeros, so the regions are not marked `anonymous` (a snapshot reads them)."""
+        flags = (
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        )
+        if hugetlb:
+            flags |= MAP_HUGETLB | MAP_HUGE_2MB
+        regions: list[GuestRegion] = []
+        offset = 0
+        try:
+            for base, size in layout:
+                mapping = mmap.mmap(
+                    -1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
+                regions.append(
+                    GuestRegion(
+                        GuestAddress(base),
+                        size,
+                        mapping,
+                        FileOffset(offset),
+                        anonymous=False,
+                    )
+                )
+                offset += size
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
         return cls(regions)
 
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Literal
 
 from ember.arch.x86_64.cpuid import vendor
 from ember.arch.x86_64.vcpu_state import restore_vcpu, saved_cpu_vendor
@@ -28,9 +29,13 @@ from ember.snapshot.state_file import load_state_file
 from ember.vmm.config import BootSource, MachineConfig
 from ember.vmm.microvm import Console, Microvm
 
+if TYPE_CHECKING:
+    from ember.snapshot.uffd import UffdBackend
+
 log = logging.getLogger(__name__)
 
 TSC_TOLERANCE_PPM = 250
+MemBackend = Literal["File", "Uffd"]
 
 
 class SnapshotLoadError(Exception):
@@ -114,31 +119,43 @@ def restore_microvm(
     console: Console | None = None,
     clock_realtime: bool = False,
     strict_cpu_vendor: bool = False,
+    mem_backend: MemBackend = "File",
 ) -> Microvm:
+    """Restore a microVM. With `mem_backend="File"`, `mem_path` is the memory
+    file, mapped privately. With `"Uffd"`, it is the socket of a page-fault handler
+    that serves the memory (Firecracker's `backend_path`; see
+    `ember.snapshot.uffd`)."""
     started = time.monotonic()
     state = load_state_file(state_path)
     sanity_check(state)
-    if state.vm_info.huge_pages == "2M":
+    if state.vm_info.huge_pages == "2M" and mem_backend != "Uffd":
         raise HugePagesNeedUffdError(
             "cannot restore a hugetlbfs-backed snapshot by mapping the memory file; "
             "use the Uffd backend"
         )
     layout = [(region.base_address, region.size) for region in state.vm_state.memory]
-    try:
-        memory = GuestMemory.from_file(mem_path, layout)
-    except OSError as error:
-        raise MemoryFileError(
-            f"cannot open memory file {mem_path}: {error.strerror}"
-        ) from None
-    except GuestMemoryError as error:
-        raise MemoryFileError(str(error)) from None
+    uffd: UffdBackend | None = None
+    if mem_backend == "Uffd":
+        from ember.snapshot.uffd import uffd_guest_memory
+
+        memory, uffd = uffd_guest_memory(
+            layout, mem_path, hugetlb=state.vm_info.huge_pages == "2M"
+        )
+    else:
+        memory = _file_memory(mem_path, layout)
     machine = MachineConfig(
         vcpu_count=len(state.vcpu_states),
         mem_size_mib=state.vm_info.mem_size_mib,
         track_dirty_pages=track_dirty_pages,
         huge_pages=state.vm_info.huge_pages,
     )
-    microvm = Microvm.create(machine, memory)
+    try:
+        microvm = Microvm.create(machine, memory)
+    except BaseException:
+        if uffd is not None:
+            uffd.close()
+        raise
+    microvm.uffd = uffd
     try:
         check_cpu_vendor(microvm.kvm, state, strict_cpu_vendor)
         _restore_into(microvm, state, clock_realtime)
@@ -152,17 +169,34 @@ def restore_microvm(
         )
         microvm.start(microvm.pending_vcpu_fds, paused=True)
         microvm.kick_devices()
+        if uffd is not None:
+            uffd.watch(microvm)
     except BaseException:
         microvm.close()
         raise
     if resume:
-        microvm.resume()
+        try:
+            microvm.resume()
+        except BaseException:  # the handler died while we restored
+            microvm.close()
+            raise
     log.info(
         "microVM restored from %s in %.2f ms",
         state_path,
         (time.monotonic() - started) * 1000,
     )
     return microvm
+
+
+def _file_memory(mem_path: str, layout: list[tuple[int, int]]) -> GuestMemory:
+    try:
+        return GuestMemory.from_file(mem_path, layout)
+    except OSError as error:
+        raise MemoryFileError(
+            f"cannot open memory file {mem_path}: {error.strerror}"
+        ) from None
+    except GuestMemoryError as error:
+        raise MemoryFileError(str(error)) from None
 
 
 def _restore_into(microvm: Microvm, state: MicrovmState, clock_realtime: bool) -> None:

@@ -59,6 +59,8 @@ from ember.vmm.vcpu import (
 
 if TYPE_CHECKING:
     from ember.snapshot.create import SnapshotStats
+    from ember.snapshot.restore import MemBackend
+    from ember.snapshot.uffd import UffdBackend
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,9 @@ class Microvm:
         self.serial: Serial8250
         self.i8042: I8042
         self._unstarted_fds: list[VcpuFd] = []
+        # Set when a page-fault handler serves guest memory; it stops the VM if
+        # the handler goes away.
+        self.uffd: UffdBackend | None = None
 
     # --- building ---------------------------------------------------------------
 
@@ -491,8 +496,10 @@ class Microvm:
         console: Console | None = None,
         clock_realtime: bool = False,
         strict_cpu_vendor: bool = False,
+        mem_backend: MemBackend = "File",
     ) -> Microvm:
-        """A microVM brought back from a snapshot (see `ember.snapshot.restore`)."""
+        """A microVM brought back from a snapshot (see `ember.snapshot.restore`).
+        With `mem_backend="Uffd"`, `mem_path` is a page-fault handler's socket."""
         from ember.snapshot.restore import restore_microvm
 
         return restore_microvm(
@@ -503,6 +510,7 @@ class Microvm:
             console=console,
             clock_realtime=clock_realtime,
             strict_cpu_vendor=strict_cpu_vendor,
+            mem_backend=mem_backend,
         )
 
     def stop(self, status: int = 0, message: str = "stopped by the monitor") -> None:
@@ -527,6 +535,8 @@ class Microvm:
         for interrupt in self._interrupts:
             interrupt.close()
         self._interrupts = []
+        if self.uffd is not None:
+            self.uffd.close()  # the handler learns this microVM is gone
         self.memory.close()
         self.vm.close()
         self.kvm.close()
