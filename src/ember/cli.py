@@ -18,6 +18,7 @@ from ember.api.cli import (
 from ember.uffd_handler.cli import add_uffd_handler_command
 
 if TYPE_CHECKING:
+    from ember.vmm.config import DriveConfig
     from ember.vmm.microvm import Microvm
 
 log = logging.getLogger("ember")
@@ -75,6 +76,14 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--track-dirty-pages",
         action="store_true",
         help="log guest writes so diff snapshots can be taken",
+    )
+    run.add_argument(
+        "--drive",
+        action="append",
+        default=[],
+        metavar="PATH[,ro][,root]",
+        help="a virtio-block disk backed by the file PATH, named drive0, drive1, "
+        "... (repeatable); ',ro' makes it read-only, ',root' the root device",
     )
     run.add_argument(
         "--snapshot",
@@ -221,7 +230,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         track_dirty_pages=args.track_dirty_pages,
         huge_pages="Transparent" if args.huge_pages == "transparent" else "None",
     )
-    return _run_until_stopped(Microvm.boot(machine, boot))
+    drives = _drives_from_args(args.drive)
+    return _run_until_stopped(Microvm.boot(machine, boot, drives=drives))
+
+
+def _drives_from_args(specs: list[str]) -> list[DriveConfig]:
+    from ember.vmm.config import DriveConfig
+
+    drives = []
+    for index, spec in enumerate(specs):
+        path, *options = spec.split(",")
+        unknown = set(options) - {"ro", "root"}
+        if not path or unknown:
+            raise CliError(f"--drive {spec}: expected PATH[,ro][,root]")
+        drives.append(
+            DriveConfig(
+                drive_id=f"drive{index}",
+                path_on_host=path,
+                is_read_only="ro" in options,
+                is_root_device="root" in options,
+            )
+        )
+    return drives
 
 
 def _restore_from_args(args: argparse.Namespace) -> Microvm:
@@ -229,9 +259,10 @@ def _restore_from_args(args: argparse.Namespace) -> Microvm:
 
     if args.snapshot is None or (args.mem_file is None) == (args.uffd is None):
         raise CliError("--snapshot goes with one of --mem-file and --uffd")
-    if args.kernel or args.initrd or args.cmdline:
+    if args.kernel or args.initrd or args.cmdline or args.drive:
         raise CliError(
-            "--kernel, --initrd and --cmdline cannot be used with --snapshot"
+            "--kernel, --initrd, --cmdline and --drive cannot be used with "
+            "--snapshot (drives come back from the snapshot)"
         )
     return Microvm.restore(
         args.snapshot,
@@ -264,6 +295,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ember.arch.x86_64.vcpu_state import VcpuRestoreError
     from ember.arch.x86_64.vm_state import VmStateError
     from ember.boot.errors import KernelLoadError
+    from ember.devices.virtio.block import BlockError
     from ember.kvm.fd import KvmError
     from ember.kvm.system import KvmUnavailableError
     from ember.snapshot.memory_file import RebaseError
@@ -284,6 +316,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         KvmError,
         ConfigError,
         GuestBuildError,
+        BlockError,
         OSError,
     )
 
