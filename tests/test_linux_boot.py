@@ -446,14 +446,32 @@ def test_debian_kernel_reports_the_machine_ember_gave_it(
 
 @pytest.mark.slow
 @pytest.mark.kvm
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Debian's cloud kernel is built without CONFIG_X86_MPPARSE, so it ignores "
-        "the MP table and counts CPUs from ACPI's MADT, which Ember does not "
-        "provide yet: it prints 'smpboot: Allowing 1 CPUs'"
-    ),
-)
 def test_debian_kernel_sees_every_vcpu(debian_boot: BootLog) -> None:
+    # Debian's cloud kernel is built without CONFIG_X86_MPPARSE: it ignores the
+    # MP table and counts CPUs from ACPI's MADT alone.
+    assert debian_boot.first(
+        re.compile(r"ACPI: Using ACPI \(MADT\) for SMP configuration")
+    )
     cpus = debian_boot.first(NEEDED["cpus"])
     assert f"Allowing {VCPUS} CPUs" in cpus
+
+
+# "ACPI: FACP 0x00000000000E01B0 000114 (v06 EMBER  EMBERVM  00000001 EMBR ...)"
+_ACPI_TABLE = re.compile(
+    r"^ACPI: (RSDP|XSDT|FACP|DSDT|APIC) 0x([0-9A-F]{16}) [0-9A-F]{6} \(v0(\d) EMBER "
+)
+
+
+@pytest.mark.slow
+@pytest.mark.kvm
+def test_debian_kernel_lists_embers_acpi_tables(debian_boot: BootLog) -> None:
+    found = {
+        m.group(1): (int(m.group(2), 16), int(m.group(3)))
+        for m in map(_ACPI_TABLE.search, debian_boot.messages())
+        if m
+    }
+    assert set(found) == {"RSDP", "XSDT", "FACP", "DSDT", "APIC"}, debian_boot.tail()
+    assert found["RSDP"] == (0xE0000, 2)  # from the boot protocol, revision 2
+    assert found["FACP"][1] == 6  # ACPI 6 FADT, hardware-reduced
+    assert all(0xE0000 <= address < 0x100000 for address, _ in found.values())
+    assert debian_boot.first(re.compile(rf"IOAPIC\[0\]: apic_id {VCPUS}, .* GSI 0-23"))
