@@ -121,8 +121,11 @@ def test_prefault_serves_every_page_before_the_guest_needs_it(
         )
         try:
             _continues(guest, snapshot)
-            stats = handler.stats()
-            assert stats["totals"]["prefaulted_pages"] == snapshot.mem_mib * 256
+            every_page = snapshot.mem_mib * 256
+            stats = handler.wait_stats(
+                lambda s: s["totals"]["prefaulted_pages"] >= every_page
+            )
+            assert stats["totals"]["prefaulted_pages"] == every_page
             assert stats["totals"]["pages_served"] == 0
         finally:
             guest.close()
