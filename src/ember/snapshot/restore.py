@@ -4,8 +4,10 @@ Order: read and check the state file · sanity-check its memory layout · map th
 memory file privately (lazy, copy-on-write: nothing is read until the guest touches
 it) · create the VM, its interrupt controllers and PIT · create vCPUs, scale the
 TSC if this host's frequency differs, restore each vCPU · restore VM-wide state
-(PIT, kvmclock, PIC, IOAPIC) · rebuild devices and restore their state · start the
-vCPU threads paused, and resume if asked.
+(PIT, kvmclock, PIC, IOAPIC) · rebuild devices and restore their state · give
+VMGenID a fresh ID and VMClock a new generation and raise their interrupts (only
+now, so the restored interrupt controllers keep them) · start the vCPU threads
+paused, and resume if asked.
 
 Any failure closes what was built and raises; the calling process stays usable.
 """

@@ -3,8 +3,9 @@
 Both boot paths hand the kernel this map: the Linux zero page as e820 entries,
 PVH as the start info's memmap table, whose entries carry the same type numbers.
 Like Firecracker, the map lists RAM only: everything between EBDA_START and
-1 MiB (EBDA, where the MP table lives, VGA hole, BIOS area) and the 32-bit MMIO
-gap are simply absent, which tells the kernel not to use them.
+1 MiB (EBDA, where the MP table lives, VGA hole, BIOS area, and there the VMGenID
+and VMClock pages and the ACPI tables) and the 32-bit MMIO gap are simply
+absent, which tells the kernel not to use them.
 """
 
 from __future__ import annotations
