@@ -7,7 +7,6 @@ union, so every field it uses has a name and a type.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from ember.kvm.structs import KvmRun
 
@@ -37,6 +36,30 @@ KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
 
+
+class _Exit:
+    """Base of the exit types: plain slotted classes, because building a dozen
+    dataclasses costs more import time than the rest of the KVM layer."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, *values: object) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(getattr(self, n) for n in self.__slots__)))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
 _INTERNAL_ERROR_NAMES = {
     KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
     KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
@@ -45,18 +68,20 @@ _INTERNAL_ERROR_NAMES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class IoOut:
+class IoOut(_Exit):
     """A port write; a `rep outs` brings `count` items of `size` bytes."""
+
+    __slots__ = ("port", "size", "data")
 
     port: int
     size: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class IoIn:
+class IoIn(_Exit):
     """A port read; the handler fills `buffer` with `count` items of `size` bytes."""
+
+    __slots__ = ("port", "size", "count", "buffer")
 
     port: int
     size: int
@@ -64,37 +89,37 @@ class IoIn:
     buffer: memoryview
 
 
-@dataclass(frozen=True, slots=True)
-class MmioRead:
+class MmioRead(_Exit):
+    __slots__ = ("address", "size", "buffer")
     address: int
     size: int
     buffer: memoryview
 
 
-@dataclass(frozen=True, slots=True)
-class MmioWrite:
+class MmioWrite(_Exit):
+    __slots__ = ("address", "data")
     address: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Halt:
-    pass
+class Halt(_Exit):
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(_Exit):
     """A triple fault (or an explicit shutdown) of the guest."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class FailEntry:
+
+class FailEntry(_Exit):
+    __slots__ = ("reason", "cpu")
     reason: int
     cpu: int
 
 
-@dataclass(frozen=True, slots=True)
-class InternalError:
+class InternalError(_Exit):
+    __slots__ = ("suberror", "data")
     suberror: int
     data: tuple[int, ...]
 
@@ -104,18 +129,19 @@ class InternalError:
         return f"KVM internal error: {name}" + (f" ({words})" if words else "")
 
 
-@dataclass(frozen=True, slots=True)
-class SystemEvent:
+class SystemEvent(_Exit):
+    __slots__ = ("type",)
     type: int
 
 
-@dataclass(frozen=True, slots=True)
-class Interrupted:
+class Interrupted(_Exit):
     """KVM_RUN returned early (a kick, or KVM_EXIT_INTR)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class UnknownExit:
+
+class UnknownExit(_Exit):
+    __slots__ = ("reason",)
     reason: int
 
 
