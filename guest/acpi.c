@@ -9,6 +9,11 @@
  *   Method (ADDR, 0) { Return (Package (2) { <low 32 bits>, <high 32 bits> }) }
  *   Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, <base>, <len>) })
  *
+ * It also routes the first two GSIs listed in the _CRS of the Generic Event
+ * Device (GED_, `Interrupt () {...}`) to vectors of their own and counts
+ * what arrives there, so a test can see that a restore raised the devices'
+ * interrupts.
+ *
  * Anything else (another firmware's DSDT, a computed ADDR) reads as "not
  * found"; this is a test guest, not a general ACPI client.
  */
@@ -137,42 +142,92 @@ static u64 genid_address(const u8 *p, const u8 *end)
     return 0;
 }
 
-/* VCLK's _CRS: the base of its Memory32Fixed descriptor. */
-static u64 vmclock_address(const u8 *p, const u8 *end)
+/* The resource descriptors of the first `Name (_CRS, Buffer)` in
+ * [p, end): 1 with [*res, *res_end) set, else 0. */
+static int find_crs(const u8 *p, const u8 *end, const u8 **res, const u8 **res_end)
 {
     for (; p + 6 <= end; p++) {
         if (p[0] != 0x08 || memcmp(p + 1, "_CRS", 4) || p[5] != 0x11) /* Name, Buffer */
             continue;
         u32 size, len = pkg_length(p + 6, &size);
-        const u8 *q = p + 6 + size, *buf_end = p + 6 + len;
+        const u8 *q = p + 6 + size;
         u64 buf_size;
         u32 n = aml_integer(q, end, &buf_size);
-        if (!n || buf_end > end)
+        if (!n || p + 6 + len > end)
             return 0;
-        for (q += n; q < buf_end;) { /* resource descriptors */
-            if (!(q[0] & 0x80)) { /* small item: length in bits 2..0 */
-                if ((q[0] >> 3) == 0x0F) /* end tag */
-                    return 0;
-                q += 1 + (q[0] & 7);
-                continue;
-            }
-            u32 item_len = (u32)q[1] | (u32)q[2] << 8;
-            if (q[0] == 0x86 && item_len == 9 && q + 12 <= buf_end) /* Memory32Fixed */
-                return rd32(q + 4);
-            q += 3 + item_len;
-        }
-        return 0;
+        *res = q + n;
+        *res_end = p + 6 + len;
+        return 1;
     }
     return 0;
 }
 
+/* The next large resource descriptor of type `tag` in [*q, end), or 0;
+ * stops at the end tag. */
+static const u8 *find_descriptor(const u8 *q, const u8 *end, u8 tag)
+{
+    while (q < end) {
+        if (!(q[0] & 0x80)) { /* small item: length in bits 2..0 */
+            if ((q[0] >> 3) == 0x0F) /* end tag */
+                return 0;
+            q += 1 + (q[0] & 7);
+            continue;
+        }
+        if (q + 3 > end)
+            return 0;
+        u32 item_len = (u32)q[1] | (u32)q[2] << 8;
+        if (q[0] == tag && q + 3 + item_len <= end)
+            return q;
+        q += 3 + item_len;
+    }
+    return 0;
+}
+
+/* VCLK's _CRS: the base of its Memory32Fixed descriptor. */
+static u64 vmclock_address(const u8 *p, const u8 *end)
+{
+    const u8 *res, *res_end, *d;
+    if (!find_crs(p, end, &res, &res_end))
+        return 0;
+    d = find_descriptor(res, res_end, 0x86); /* Memory32Fixed */
+    return d && d[1] == 9 ? rd32(d + 4) : 0;
+}
+
 #define VMCLOCK_MAGIC 0x4b4c4356
+
+static const u8 *the_dsdt(void)
+{
+    const u8 *rsdp = find_rsdp();
+    return (rsdp && !memcmp(rsdp, "RSD PTR ", 8)) ? find_dsdt(rsdp) : 0;
+}
+
+/* Route every GSI of GED_'s Interrupt descriptor to ACPI_EVENT_VECTOR;
+ * returns how many were routed. */
+u32 route_acpi_events(void)
+{
+    const u8 *dsdt = the_dsdt(), *body, *body_end, *res, *res_end, *d;
+    if (!dsdt || !find_device(dsdt + 36, dsdt + rd32(dsdt + 4), "GED_", &body, &body_end) ||
+        !find_crs(body, body_end, &res, &res_end))
+        return 0;
+    d = find_descriptor(res, res_end, 0x89); /* Extended Interrupt */
+    if (!d || 5 + 4UL * d[4] > 3UL + ((u32)d[1] | (u32)d[2] << 8))
+        return 0;
+    u32 routed = 0;
+    for (u32 i = 0; i < d[4] && i < ACPI_EVENT_VECTORS; i++) {
+        u64 result, gsi = rd32(d + 5 + 4 * i);
+        asm volatile("int $0x80"
+                     : "=a"(result)
+                     : "a"((u64)SYS_ROUTE_EVENT), "D"(gsi), "S"((u64)i)
+                     : "memory");
+        routed += result == 0;
+    }
+    return routed;
+}
 
 /* "GENID <32 hex digits> <VMClock vm_generation_counter>" into out. */
 void genid_line(char *out)
 {
-    const u8 *rsdp = find_rsdp();
-    const u8 *dsdt = (rsdp && !memcmp(rsdp, "RSD PTR ", 8)) ? find_dsdt(rsdp) : 0;
+    const u8 *dsdt = the_dsdt();
     if (!dsdt) {
         *put_str(out, "ERR no ACPI DSDT") = 0;
         return;

@@ -16,6 +16,11 @@
 
 #define TIMER_VECTOR 0x20
 #define SERIAL_VECTOR 0x24
+/* GSIs of the ACPI Generic Event Device, each on its own vector (0x25, 0x26)
+ * so two edges raised together are not merged in the LAPIC's IRR. */
+#define ACPI_EVENT_VECTOR 0x25
+#define ACPI_EVENT_VECTOR_2 0x26
+#define ACPI_EVENT_VECTORS 2
 #define SYSCALL_VECTOR 0x80
 #define SPURIOUS_VECTOR 0xFF
 
@@ -47,6 +52,7 @@ enum {
     SYS_MAP_RAM = 2, /* (gib): link ram_pd[1..gib) into the PDPT */
     SYS_START_AP = 3, /* (apic_id, trampoline page): INIT, SIPI, SIPI */
     SYS_RESET = 4, /* (): i8042 reset, then triple fault */
+    SYS_ROUTE_EVENT = 5, /* (gsi, i): IOAPIC pin gsi -> ACPI_EVENT_VECTOR + i */
 };
 
 struct hvm_start_info {
@@ -76,6 +82,7 @@ extern u32 start_info_paddr; /* EBX at the PVH entry, stored by entry.S */
 extern volatile u64 fine_ticks; /* timer interrupts (10 ms) since boot */
 extern volatile u64 tick_n; /* 100 ms ticks since boot, never reset */
 extern volatile u32 tick_on; /* print TICK lines from the timer */
+extern volatile u64 acpi_events; /* interrupts on ACPI_EVENT_VECTOR */
 extern volatile u8 rx_buf[RX_SIZE]; /* serial input, filled by ring 0 */
 extern volatile u32 rx_head; /* written by ring 0 only */
 extern volatile u32 rx_tail; /* written by ring 3 only */
@@ -103,6 +110,7 @@ const u8 *find_rsdp(void); /* start info, EBDA or 0xE0000-0xFFFFF; 0 if none */
 
 /* --- acpi.c --- */
 void genid_line(char *out); /* "GENID <hex> <n>" or "ERR ..."; 96 bytes */
+u32 route_acpi_events(void); /* route the event device's GSIs; how many */
 
 /* --- lib.c --- */
 void *memcpy(void *dst, const void *src, u64 n);

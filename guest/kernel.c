@@ -13,6 +13,7 @@ u32 start_info_paddr;
 volatile u64 fine_ticks;
 volatile u64 tick_n;
 volatile u32 tick_on;
+volatile u64 acpi_events;
 volatile u8 rx_buf[RX_SIZE];
 volatile u32 rx_head;
 volatile u32 rx_tail;
@@ -282,6 +283,14 @@ static void system_call(struct frame *f)
         lapic_write(LAPIC_ICR_LOW, sipi); /* ignored if the first one worked */
         break;
     }
+    case SYS_ROUTE_EVENT: /* edge, active high, fixed, to the BSP */
+        if (f->rdi < 24 && f->rsi < ACPI_EVENT_VECTORS) {
+            ioapic_write(0x10 + 2 * (u32)f->rdi + 1, bsp_apic_id << 24);
+            ioapic_write(0x10 + 2 * (u32)f->rdi, ACPI_EVENT_VECTOR + (u32)f->rsi);
+        } else {
+            result = (u64)-1;
+        }
+        break;
     case SYS_RESET:
         reset();
     default:
@@ -299,6 +308,11 @@ void interrupt_dispatch(struct frame *f)
         return;
     case SERIAL_VECTOR:
         serial_drain();
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case ACPI_EVENT_VECTOR:
+    case ACPI_EVENT_VECTOR_2:
+        acpi_events++;
         lapic_write(LAPIC_EOI, 0);
         return;
     case SYSCALL_VECTOR: /* real hardware: int 0x80 arrives here */

@@ -1057,6 +1057,11 @@ static void run_command(char *line)
         char out[96];
         genid_line(out);
         say(out);
+    } else if (streq(cmd, "events") && n == 1) {
+        char out[48], *p = put_str(out, "EVENTS ");
+        p = put_dec(p, acpi_events);
+        *p = 0;
+        say(out);
     } else if (streq(cmd, "reset") && n == 1) {
         syscall2(SYS_RESET, 0, 0);
         say("ERR reset failed");
@@ -1107,6 +1112,7 @@ void __attribute__((noreturn)) user_main_bsp(void)
     map_ram();
     if (!cpus_from_acpi())
         cpus_from_mp_table();
+    route_acpi_events();
     start_aps();
 
     char line[256], *p = put_str(line, "READY vcpus=");

@@ -176,6 +176,13 @@ def _genid(guest: InProcessGuest) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def _events(guest: InProcessGuest) -> int:
+    """Interrupts the guest took on the GSIs of the DSDT's event device."""
+    answer = guest.ask("events")
+    assert answer.startswith("EVENTS "), answer
+    return int(answer.split()[1])
+
+
 def _files(directory: Path, name: str) -> tuple[str, str]:
     return str(directory / f"{name}.state"), str(directory / f"{name}.mem")
 
@@ -188,6 +195,7 @@ def test_restores_in_a_row_each_bring_a_new_generation(
     try:
         booted_id, generation = _genid(guest)
         assert generation == 0
+        assert _events(guest) == 0
         guest.microvm.pause()
         state, mem = _files(snapshot_dir, "gen0")
         guest.microvm.snapshot(state, mem)
@@ -201,6 +209,9 @@ def test_restores_in_a_row_each_bring_a_new_generation(
             genid, generation = _genid(restored)
             assert generation == expected
             assert genid not in seen
+            # VGEN's and VCLK's interrupts, both delivered after every restore
+            # (the count lives in guest memory, so it carries over).
+            assert _events(restored) == 2 * expected
             seen.add(genid)
             restored.microvm.pause()
             state, mem = _files(snapshot_dir, f"gen{expected}")
@@ -225,6 +236,7 @@ def test_clones_of_one_snapshot_each_get_their_own_id(
     clones = [InProcessGuest.restore(state, mem) for _ in range(5)]
     try:
         answers = [_genid(clone) for clone in clones]
+        assert [_events(clone) for clone in clones] == [2] * 5
     finally:
         for clone in clones:
             clone.close()

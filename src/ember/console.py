@@ -11,7 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 
-ANSWER = re.compile(r"^(OK|BAD.*|ERR.*|CPUS .*|READY .*|SUM .*|GENID .*|PANIC.*)$")
+ANSWER = re.compile(
+    r"^(OK|BAD.*|ERR.*|CPUS .*|READY .*|SUM .*|GENID .*|EVENTS .*|PANIC.*)$"
+)
 
 
 class ConsoleLog:
