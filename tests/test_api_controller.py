@@ -20,8 +20,10 @@ from ember.api.controller import ApiCall, Controller
 from ember.api.faults import ApiError, fault_for
 from ember.api.http import Request, Response
 from ember.api.logs import InstanceFormatter
-from ember.api.routes import ROUTES, count_request, parse_request
+from ember.api.routes import ROUTES, count_request, find_route, parse_request
+from ember.devices.virtio.block import BlockMetrics
 from ember.metrics import Metrics
+from ember.vmm.config import DriveConfig
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,34 @@ class FakeBoot:
 
 
 @dataclass
+class FakeBlock:
+    drive: DriveConfig
+    metrics: BlockMetrics = field(default_factory=BlockMetrics)
+
+
+@dataclass
+class FakeTransport:
+    error_count: int = 0
+
+
+@dataclass
+class FakeAttachedDrive:
+    device: FakeBlock
+    transport: FakeTransport = field(default_factory=FakeTransport)
+
+
+@dataclass
 class FakeVm:
     machine: Any
     boot_source: Any = None
     paused: bool = False
     is_stopped: bool = False
     snapshots: list[tuple[str, str, bool]] = field(default_factory=list)
+    drives: dict[str, FakeAttachedDrive] = field(default_factory=dict)
+
+    def update_drive(self, drive_id: str, path_on_host: str) -> None:
+        block = self.drives[drive_id].device
+        block.drive = DriveConfig(drive_id, path_on_host)
 
     def pause(self) -> None:
         self.paused = True
@@ -80,7 +104,8 @@ class FakeBackend:
     def boot(self, request: BootRequest) -> RunningVm:
         self.booted.append(request)
         machine = FakeMachine(request.vcpu_count, request.mem_size_mib)
-        return FakeVm(machine, FakeBoot(request.kernel_image_path))
+        drives = {d.drive_id: FakeAttachedDrive(FakeBlock(d)) for d in request.drives}
+        return FakeVm(machine, FakeBoot(request.kernel_image_path), drives=drives)
 
     def restore(self, request: RestoreRequest) -> RunningVm:
         if self.fail_next_restore:
@@ -212,10 +237,20 @@ def test_machine_config_defaults_put_and_patch(api: Api) -> None:
         (
             "PUT",
             "/snapshot/load",
-            {**LOAD, "mem_backend": {"backend_type": "Uffd", "backend_path": "s"}},
-            "Uffd memory backend is not supported yet",
+            {**LOAD, "mem_backend": {"backend_type": "Uffd", "backend_path": ""}},
+            "Uffd socket path must not be empty",
         ),
         ("PUT", "/snapshot/load", {**LOAD, "huge_pages": "2M"}, "needs the Uffd"),
+        (
+            "PUT",
+            "/snapshot/load",
+            {
+                **LOAD,
+                "mem_backend": {"backend_type": "Uffd", "backend_path": "s"},
+                "huge_pages": "2M",
+            },
+            "override is not supported yet",
+        ),
         (
             "PUT",
             "/snapshot/load",
@@ -231,7 +266,17 @@ def test_machine_config_defaults_put_and_patch(api: Api) -> None:
         ("PUT", "/logger", {"level": "Loud"}, "invalid log level"),
         ("PUT", "/metrics", {}, "metrics_path"),
         ("PUT", "/metrics", {"metrics_path": "/no/such/dir/m"}, "cannot open metrics"),
-        ("PUT", "/drives/rootfs", {"drive_id": "rootfs"}, "drives) are not supported"),
+        ("PUT", "/drives/rootfs", {"drive_id": "rootfs"}, "`is_root_device`"),
+        (
+            "PUT",
+            "/drives/rootfs",
+            {"drive_id": "other", "is_root_device": False},
+            "the drive_id in the path ('rootfs') differs from the one in the body",
+        ),
+        ("PUT", "/drives/a-b", {"drive_id": "a-b", "is_root_device": False}, "regex"),
+        ("GET", "/drives/rootfs", None, "invalid request method and/or path"),
+        ("PUT", "/drives/", {}, "invalid request method and/or path"),
+        ("PUT", "/drives/a/b", {}, "invalid request method and/or path"),
         ("PUT", "/network-interfaces/eth0", {}, "network interfaces are not"),
         ("PUT", "/vsock", {}, "vsock device is not supported yet"),
         ("GET", "/balloon", None, "balloon device is not supported yet"),
@@ -256,11 +301,12 @@ def test_refusals_name_their_reason(
 
 
 def test_unsupported_machine_features_are_refused_by_name(api: Api) -> None:
-    for extra, reason in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"smt": True}, "smt"),
         ({"huge_pages": "2M"}, "huge_pages"),
         ({"cpu_template": "T2"}, "CPU templates"),
-    ]:
+    ]
+    for extra, reason in cases:
         status, answer = api.call(
             "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 64, **extra}
         )
@@ -311,7 +357,8 @@ def test_snapshot_create_only_while_paused(api: Api, kernel: str) -> None:
     assert api.call("PUT", "/snapshot/create", body)[0] == 204
     vm = api.controller.vm
     assert isinstance(vm, FakeVm) and vm.snapshots == [("s", "m", True)]
-    assert api.metrics.take_line()["latencies_us"]["diff_create_snapshot"] >= 0
+    line: dict[str, Any] = api.metrics.take_line()
+    assert line["latencies_us"]["diff_create_snapshot"] >= 0
 
 
 def test_load_needs_a_fresh_process(api: Api, kernel: str) -> None:
@@ -341,8 +388,8 @@ def test_deprecated_mem_file_path_still_loads(api: Api) -> None:
     body = {"snapshot_path": "s", "mem_file_path": "m"}
     assert api.call("PUT", "/snapshot/load", body)[0] == 204
     assert api.backend.restored[0].mem_file_path == "m"
-    line = api.metrics.take_line()
-    assert line["deprecated_api"] == {  # type: ignore[comparison-overlap]
+    line: dict[str, Any] = api.metrics.take_line()
+    assert line["deprecated_api"] == {
         "deprecated_http_api_calls": 1,
         "deprecated_cmd_line_api_calls": 0,
     }
@@ -454,7 +501,11 @@ def test_config_file_becomes_the_same_calls(tmp_path: Path, kernel: str) -> None
         ({"machine-config": {"vcpu_count": 1, "mem_size_mib": 8}}, "boot-source"),
         (
             {"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "r"}]},
-            "drives) are not supported",
+            "`is_root_device`",
+        ),
+        (
+            {"boot-source": {"kernel_image_path": "k"}, "vsock": {"uds_path": "v"}},
+            "vsock device is not supported yet",
         ),
         ({"boot-source": {"kernel_image_path": "k"}, "bogus": 1}, "unknown field"),
     ],
@@ -470,3 +521,229 @@ def test_config_file_refusals(
 
 def test_api_call_defaults() -> None:
     assert ApiCall("get_instance_info").title == "Request"
+
+
+def test_config_file_drives_become_put_drive_calls(tmp_path: Path, kernel: str) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    path = tmp_path / "vm.json"
+    drive = {"drive_id": "rootfs", "path_on_host": str(disk), "is_root_device": True}
+    path.write_text(
+        json.dumps({"boot-source": {"kernel_image_path": kernel}, "drives": [drive]})
+    )
+    calls = config_calls(read_config_file(str(path)))
+    assert [call.operation for call in calls] == [
+        "put_boot_source",
+        "put_drive",
+        "put_actions",
+    ]
+    api = Api()
+    for call in calls:
+        assert api.controller.handle(call).status == 204
+    [booted] = api.backend.booted
+    assert booted.drives == (DriveConfig("rootfs", str(disk), is_root_device=True),)
+
+
+# --- drives ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> list[str]:
+    paths = []
+    for index, size in enumerate((4096, 8192, 16384)):
+        path = tmp_path / f"disk{index}.img"
+        path.write_bytes(bytes(size))
+        paths.append(str(path))
+    return paths
+
+
+def drive(drive_id: str, path: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "drive_id": drive_id,
+        "path_on_host": path,
+        "is_root_device": False,
+        **extra,
+    }
+
+
+def test_routes_with_a_path_parameter() -> None:
+    found = find_route("PUT", "/drives/data_1")
+    assert found is not None and found[0].operation == "put_drive"
+    assert found[1] == {"drive_id": "data_1"}
+    patch = find_route("PATCH", "/drives/x")
+    assert patch is not None and patch[0].operation == "patch_drive"
+    for method, path in [
+        ("GET", "/drives/x"),
+        ("PUT", "/drives/"),
+        ("PUT", "/drives"),
+        ("PUT", "/drives/x/y"),
+        ("PUT", "/drives/{drive_id}/"),
+    ]:
+        assert find_route(method, path) is None, (method, path)
+
+
+def test_put_drives_then_start(api: Api, kernel: str, disks: list[str]) -> None:
+    assert api.call("PUT", "/drives/data", drive("data", disks[0]))[0] == 204
+    root = drive("rootfs", disks[1], is_root_device=True, partuuid="0eaa91a0-01")
+    assert api.call("PUT", "/drives/rootfs", root)[0] == 204
+    read_only = drive("data", disks[2], is_read_only=True, cache_type="Writeback")
+    assert api.call("PUT", "/drives/data", read_only)[0] == 204  # an update
+    assert api.call("GET", "/vm/config")[1]["drives"] == [
+        {
+            "drive_id": "rootfs",
+            "path_on_host": disks[1],
+            "is_root_device": True,
+            "is_read_only": False,
+            "cache_type": "Unsafe",
+            "io_engine": "Sync",
+            "partuuid": "0eaa91a0-01",
+        },
+        {
+            "drive_id": "data",
+            "path_on_host": disks[2],
+            "is_root_device": False,
+            "is_read_only": True,
+            "cache_type": "Writeback",
+            "io_engine": "Sync",
+        },
+    ]
+    start(api, kernel)
+    [request] = api.backend.booted
+    assert request.drives == (
+        DriveConfig("data", disks[2], is_read_only=True, cache_type="Writeback"),
+        DriveConfig("rootfs", disks[1], True, False, "0eaa91a0-01"),
+    )
+    status, answer = api.call("PUT", "/drives/late", drive("late", disks[0]))
+    assert status == 400
+    assert (
+        "drives cannot be changed once the microVM has started"
+        in (answer["fault_message"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"io_engine": "Async"}, 'io_engine "Async" is not supported'),
+        (
+            {"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}},
+            "rate_limiter is not supported yet",
+        ),
+        ({"socket": "/run/vhost.sock"}, "vhost-user block devices (socket)"),
+        ({"path_on_host": None}, "path_on_host is required"),
+        ({"path_on_host": ""}, "path_on_host must not be empty"),
+        ({"path_on_host": "/no/such/disk"}, "cannot open the backing file"),
+        ({"cache_type": "WriteThrough"}, "Invalid enum value"),
+        ({"is_read_only": 0}, "Expected `bool`"),
+        ({"size": 4}, "unknown field `size`"),
+    ],
+)
+def test_bad_drives_are_refused_by_name(
+    api: Api, disks: list[str], extra: dict[str, Any], reason: str
+) -> None:
+    status, answer = api.call("PUT", "/drives/d", drive("d", disks[0], **extra))
+    assert status == 400
+    assert answer["fault_message"].startswith("Drive configuration error: ")
+    assert reason in answer["fault_message"]
+    assert api.call("GET", "/vm/config")[1]["drives"] == []
+
+
+def test_an_inert_rate_limiter_is_accepted(api: Api, disks: list[str]) -> None:
+    for limiter in [{}, {"ops": {"size": 0, "refill_time": 100}}]:
+        body = drive("d", disks[0], rate_limiter=limiter)
+        assert api.call("PUT", "/drives/d", body)[0] == 204
+
+
+def test_only_one_root_device(api: Api, disks: list[str]) -> None:
+    first = drive("a", disks[0], is_root_device=True)
+    assert api.call("PUT", "/drives/a", first)[0] == 204
+    second = drive("b", disks[1], is_root_device=True)
+    status, answer = api.call("PUT", "/drives/b", second)
+    assert status == 400 and "only one drive can be the root" in answer["fault_message"]
+    # Replacing the root device by itself is no second root.
+    assert api.call("PUT", "/drives/a", {**first, "path_on_host": disks[2]})[0] == 204
+    assert [d["drive_id"] for d in api.call("GET", "/vm/config")[1]["drives"]] == ["a"]
+
+
+def test_a_drive_blocks_a_later_load(api: Api, disks: list[str]) -> None:
+    assert api.call("PUT", "/drives/d", drive("d", disks[0]))[0] == 204
+    status, answer = api.call("PUT", "/snapshot/load", LOAD)
+    assert status == 400 and "after boot resources" in answer["fault_message"]
+    assert api.backend.restored == []
+
+
+def test_patch_drive_after_start(api: Api, kernel: str, disks: list[str]) -> None:
+    patch = {"drive_id": "d", "path_on_host": disks[1]}
+    status, answer = api.call("PATCH", "/drives/d", patch)
+    assert status == 400 and "before the microVM has started" in answer["fault_message"]
+    api.call("PUT", "/drives/d", drive("d", disks[0]))
+    start(api, kernel)
+    assert api.call("PATCH", "/drives/d", patch)[0] == 204
+    [listed] = api.call("GET", "/vm/config")[1]["drives"]
+    assert listed["path_on_host"] == disks[1]
+    for path, body, reason in [
+        ("/drives/e", {"drive_id": "e", "path_on_host": disks[2]}, "unknown drive 'e'"),
+        ("/drives/d", {"drive_id": "d"}, "empty PATCH request"),
+        ("/drives/d", {**patch, "is_read_only": True}, "unknown field"),
+        (
+            "/drives/d",
+            {**patch, "rate_limiter": {"ops": {"size": 10, "refill_time": 10}}},
+            "rate_limiter is not supported yet",
+        ),
+        ("/drives/x", patch, "differs from the one in the body ('d')"),
+    ]:
+        status, answer = api.call("PATCH", path, body)
+        assert status == 400, body
+        assert answer["fault_message"].startswith("Drive update error: ")
+        assert reason in answer["fault_message"]
+
+
+def test_block_metrics_are_deltas_per_drive_and_summed(
+    api: Api, kernel: str, disks: list[str]
+) -> None:
+    first: dict[str, Any] = api.metrics.take_line()
+    assert set(first["block"]) >= {
+        "read_bytes",
+        "write_bytes",
+        "read_count",
+        "write_count",
+        "flush_count",
+        "execute_fails",
+    }
+    api.call("PUT", "/drives/a", drive("a", disks[0]))
+    api.call("PUT", "/drives/b", drive("b", disks[1]))
+    api.call("PUT", "/drives/b", drive("b", "/no/such"))
+    start(api, kernel)
+    api.call("PATCH", "/drives/a", {"drive_id": "a", "path_on_host": disks[2]})
+    vm = api.controller.vm
+    assert isinstance(vm, FakeVm)
+    a, b = vm.drives["a"], vm.drives["b"]
+    a.device.metrics.read_count, a.device.metrics.read_bytes = 2, 1024
+    b.device.metrics.write_count, b.device.metrics.write_bytes = 1, 4096
+    b.transport.error_count = 1
+    line: dict[str, Any] = api.metrics.take_line()
+    assert line["put_api_requests"]["drive_count"] == 3
+    assert line["put_api_requests"]["drive_fails"] == 1
+    assert line["patch_api_requests"]["drive_count"] == 1
+    assert line["block_a"]["read_bytes"] == 1024 and line["block_a"]["read_count"] == 2
+    assert line["block_b"]["write_bytes"] == 4096
+    assert line["block_b"]["event_fails"] == 1
+    assert line["block"]["read_bytes"] == 1024
+    assert line["block"]["write_bytes"] == 4096
+    a.device.metrics.read_count = 5
+    line = dict(api.metrics.take_line())
+    assert line["block_a"]["read_count"] == 3 and line["block"]["read_count"] == 3
+    assert line["block_b"]["write_bytes"] == 0
+
+
+def test_uffd_load_reaches_the_backend(api: Api) -> None:
+    body = {
+        "snapshot_path": "vm.state",
+        "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/uffd.sock"},
+        "resume_vm": True,
+    }
+    assert api.call("PUT", "/snapshot/load", body)[0] == 204
+    [request] = api.backend.restored
+    assert request.mem_backend == "Uffd"
+    assert request.mem_file_path == "/run/uffd.sock"
+    assert api.backend.restored[0].resume_vm

@@ -18,9 +18,13 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 FLUSH_INTERVAL_S = 60.0
+
+# Groups whose counters devices keep (`block`, `block_<drive_id>`), each as
+# what happened since the previous call.
+DeviceCounters = Callable[[], dict[str, dict[str, int]]]
 
 _COUNTER_GROUPS: dict[str, tuple[str, ...]] = {
     "api_server": (
@@ -41,6 +45,8 @@ _COUNTER_GROUPS: dict[str, tuple[str, ...]] = {
         "actions_fails",
         "boot_source_count",
         "boot_source_fails",
+        "drive_count",
+        "drive_fails",
         "machine_cfg_count",
         "machine_cfg_fails",
         "logger_count",
@@ -54,6 +60,8 @@ _COUNTER_GROUPS: dict[str, tuple[str, ...]] = {
         "unsupported_device_count",
     ),
     "patch_api_requests": (
+        "drive_count",
+        "drive_fails",
         "machine_cfg_count",
         "machine_cfg_fails",
         "vm_count",
@@ -87,6 +95,7 @@ class Metrics:
         self._counters = _zeroed_counters()
         self._latencies_us = dict.fromkeys(LATENCIES, 0)
         self._startup: dict[str, int] = {}
+        self._device_counters: DeviceCounters | None = None
         self._fd: int | None = None
         self.path: str | None = None
         self.emit_id = False
@@ -114,6 +123,10 @@ class Metrics:
                 "process_startup_time_us": wall_us,
                 "process_startup_time_cpu_us": cpu_us,
             }
+
+    def count_devices_with(self, source: DeviceCounters | None) -> None:
+        """Add the groups `source` returns to every line (called once a line)."""
+        self._device_counters = source
 
     # --- output ---------------------------------------------------------------
 
@@ -149,6 +162,8 @@ class Metrics:
 
     def take_line(self) -> dict[str, object]:
         """Everything since the last call, as one metrics line; counters restart."""
+        source = self._device_counters
+        devices = source() if source is not None else {}
         with self._lock:
             counters = self._counters
             self._counters = _zeroed_counters()
@@ -159,6 +174,7 @@ class Metrics:
                 line["properties"] = dict(self.properties)
             line.update(counters)
             line["api_server"] = {**counters["api_server"], **self._startup}
+            line.update(devices)
             line["latencies_us"] = dict(self._latencies_us)
         return line
 

@@ -8,11 +8,13 @@ the API socket does not pay for it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from ember.vmm.config import BootSource, MachineConfig
+    from ember.api.drives import AttachedDrive
+    from ember.vmm.config import BootSource, DriveConfig, MachineConfig
     from ember.vmm.vcpu import VcpuStop
 
 
@@ -24,15 +26,17 @@ class BootRequest:
     kernel_image_path: str
     boot_args: str | None
     initrd_path: str | None
+    drives: tuple[DriveConfig, ...] = ()
 
 
 @dataclass(frozen=True)
 class RestoreRequest:
     snapshot_path: str
-    mem_file_path: str
+    mem_file_path: str  # with the Uffd backend, the page-fault handler's socket
     track_dirty_pages: bool
     resume_vm: bool
     clock_realtime: bool
+    mem_backend: Literal["File", "Uffd"] = "File"
 
 
 class RunningVm(Protocol):
@@ -49,6 +53,11 @@ class RunningVm(Protocol):
 
     @property
     def is_stopped(self) -> bool: ...
+
+    @property
+    def drives(self) -> Mapping[str, AttachedDrive]: ...
+
+    def update_drive(self, drive_id: str, path_on_host: str) -> None: ...
 
     def pause(self) -> None: ...
 
@@ -92,7 +101,9 @@ class KvmBackend:
             else DEFAULT_CMDLINE,
             initrd_path=request.initrd_path,
         )
-        return Microvm.boot(machine, boot, console=Console.stdio())
+        return Microvm.boot(
+            machine, boot, console=Console.stdio(), drives=request.drives
+        )
 
     def restore(self, request: RestoreRequest) -> RunningVm:
         from ember.vmm.microvm import Console, Microvm
@@ -104,6 +115,7 @@ class KvmBackend:
             resume=request.resume_vm,
             console=Console.stdio(),
             clock_realtime=request.clock_realtime,
+            mem_backend=request.mem_backend,
         )
 
     def send_ctrl_alt_del(self, vm: RunningVm) -> None:

@@ -2,9 +2,9 @@
 
 The file's sections go through the same controller calls as the API's requests,
 in the order a client would send them (logger, metrics, machine-config,
-boot-source), then InstanceStart. A device section Ember does not support yet
-is refused by name when it is non-empty; an empty list (as many generated
-configs carry) is accepted.
+boot-source, drives), then InstanceStart. A device section Ember does not
+support yet is refused by name when it is non-empty; an empty list (as many
+generated configs carry) is accepted.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class ConfigFileError(Exception):
 
 # ConfigFile attribute -> the path its API endpoint has (and so its refusal).
 _DEVICE_SECTIONS = {
-    "drives": "/drives/",
     "network_interfaces": "/network-interfaces/",
     "pmem": "/pmem/",
     "vsock": "/vsock",
@@ -69,6 +68,9 @@ def config_calls(config: models.ConfigFile) -> list[ApiCall]:
             ApiCall("put_machine_config", "Machine config", config.machine_config)
         )
     calls.append(ApiCall("put_boot_source", "Boot source", config.boot_source))
+    calls.extend(
+        ApiCall("put_drive", "Drive configuration", drive) for drive in config.drives
+    )
     start = models.InstanceActionInfo(action_type="InstanceStart")
     calls.append(ApiCall("put_actions", "Start microVM", start))
     return calls

@@ -5,7 +5,8 @@ one `ApiCall` at a time; the API thread only parses HTTP and waits for the
 answer. Every rule Firecracker's API enforces lives here, as plain code over
 plain state, so it is tested without sockets or KVM:
 
-- boot resources (machine-config, boot-source, devices) only before start;
+- boot resources (machine-config, boot-source, drives) only before start; a
+  drive's backing file may be swapped after start (PATCH /drives/{id});
 - a snapshot is loaded only into a fresh process: nothing started, nothing loaded,
   no boot resource configured (logger and metrics do not count);
 - a snapshot is created only while the microVM is paused;
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ember import __version__
-from ember.api import models
+from ember.api import drives, models
 from ember.api.backend import BootRequest, RestoreRequest, RunningVm, VmBackend
 from ember.api.faults import ApiError, fault_for
 from ember.api.http import Response
 from ember.api.logs import LogSettings
 from ember.metrics import Metrics
+from ember.vmm.config import DriveConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class MonitorState:
         )
     )
     boot_source: models.BootSource | None = None
+    drives: dict[str, DriveConfig] = field(default_factory=dict)
     boot_resources_configured: bool = False
     logger: models.Logger | None = None
     metrics: models.Metrics | None = None
@@ -90,6 +93,8 @@ class Controller:
             "put_machine_config": self._put_machine_config,
             "patch_machine_config": self._patch_machine_config,
             "put_boot_source": self._put_boot_source,
+            "put_drive": self._put_drive,
+            "patch_drive": self._patch_drive,
             "put_actions": self._put_actions,
             "patch_vm": self._patch_vm,
             "put_snapshot_create": self._put_snapshot_create,
@@ -97,6 +102,8 @@ class Controller:
             "put_logger": self._put_logger,
             "put_metrics": self._put_metrics,
         }
+        self._block_counters = drives.BlockCounters()
+        metrics.count_devices_with(self._device_counters)
 
     # --- dispatch -------------------------------------------------------------
 
@@ -171,10 +178,22 @@ class Controller:
     def _get_machine_config(self, call: ApiCall) -> Response:
         return json_response(self.machine_view())
 
+    def drive_configs(self) -> list[DriveConfig]:
+        """Once the microVM exists, its drives (a PATCH or a snapshot may have
+        changed them); before, the configured ones."""
+        vm = self.state.vm
+        if vm is not None:
+            return [attached.device.drive for attached in vm.drives.values()]
+        return list(self.state.drives.values())
+
+    def _device_counters(self) -> dict[str, dict[str, int]]:
+        vm = self.state.vm
+        return self._block_counters.take(vm.drives if vm is not None else {})
+
     def _get_vm_config(self, call: ApiCall) -> Response:
         config = models.FullVmConfiguration(
             machine_config=self.machine_view(),
-            drives=[],
+            drives=drives.drive_views(self.drive_configs()),
             network_interfaces=[],
             boot_source=self.boot_source_view(),
             logger=self.state.logger,
@@ -218,6 +237,31 @@ class Controller:
             check_readable_file("initrd", source.initrd_path)
         self.state.boot_source = source
         self.state.boot_resources_configured = True
+        return no_content()
+
+    def _put_drive(self, call: ApiCall) -> Response:
+        assert isinstance(call.body, models.Drive)
+        if self.state.vm is not None:
+            raise _not_after_start("drives")
+        if call.body.path_on_host is not None:
+            check_path("path_on_host", call.body.path_on_host)
+        drive = drives.drive_config(call.body)
+        updated = drives.with_drive(self.state.drives, drive)
+        drives.check_backing_file(drive)
+        self.state.drives = updated
+        self.state.boot_resources_configured = True
+        return no_content()
+
+    def _patch_drive(self, call: ApiCall) -> Response:
+        assert isinstance(call.body, models.PartialDrive)
+        vm = self._require_vm("update a drive")
+        path = drives.check_update(call.body)
+        check_path("path_on_host", path)
+        drive_id = call.body.drive_id
+        try:
+            vm.update_drive(drive_id, path)
+        except KeyError:
+            raise ApiError(f"unknown drive {drive_id!r}") from None
         return no_content()
 
     def _put_logger(self, call: ApiCall) -> Response:
@@ -277,6 +321,7 @@ class Controller:
                 kernel_image_path=source.kernel_image_path,
                 boot_args=source.boot_args,
                 initrd_path=source.initrd_path,
+                drives=tuple(self.state.drives.values()),
             )
         )
         self._adopt(vm)
@@ -333,7 +378,7 @@ class Controller:
         if self.state.boot_resources_configured:
             raise ApiError(
                 "cannot load a snapshot after boot resources (machine-config, "
-                "boot-source, devices) were configured; loading needs a fresh process"
+                "boot-source, drives) were configured; loading needs a fresh process"
             )
         request = restore_request(call.body)
         with self._timed("load_snapshot"):
@@ -407,16 +452,22 @@ def restore_request(params: models.SnapshotLoadParams) -> RestoreRequest:
     can do."""
     check_load_params(params)
     check_path("snapshot_path", params.snapshot_path)
-    if params.mem_backend is not None:
-        if params.mem_backend.backend_type == "Uffd":
-            raise ApiError("Uffd memory backend is not supported yet")
-        mem_path = params.mem_backend.backend_path
+    backend = params.mem_backend
+    if backend is not None:
+        mem_path = backend.backend_path
+        what = "backend_path" if backend.backend_type == "File" else "Uffd socket path"
     else:
         assert params.mem_file_path is not None
-        mem_path = params.mem_file_path
-    check_path("memory file path", mem_path)
-    if params.huge_pages == "2M":
+        mem_path, what = params.mem_file_path, "memory file path"
+    check_path(what, mem_path)
+    uffd = backend is not None and backend.backend_type == "Uffd"
+    if params.huge_pages == "2M" and not uffd:
         raise ApiError("huge_pages '2M' needs the Uffd memory backend")
+    if params.huge_pages == "2M":
+        raise ApiError(
+            "huge_pages '2M' as an override is not supported yet; a snapshot of a "
+            "microVM backed by 2M pages loads with the default 'Snapshot'"
+        )
     if params.huge_pages == "Transparent":
         raise ApiError("huge_pages 'Transparent' is not supported yet")
     if params.network_overrides:
@@ -433,6 +484,7 @@ def restore_request(params: models.SnapshotLoadParams) -> RestoreRequest:
         track_dirty_pages=params.track_dirty_pages or params.enable_diff_snapshots,
         resume_vm=params.resume_vm,
         clock_realtime=params.clock_realtime,
+        mem_backend="Uffd" if uffd else "File",
     )
 
 

@@ -34,6 +34,8 @@ def _expected_vmm_errors() -> tuple[type[BaseException], ...]:
     from ember.arch.x86_64.vcpu_state import VcpuRestoreError
     from ember.arch.x86_64.vm_state import VmStateError as KvmVmStateError
     from ember.boot.errors import KernelLoadError
+    from ember.devices.virtio.attach import SlotAllocationError
+    from ember.devices.virtio.block import BlockError
     from ember.kvm.system import KvmUnavailableError
     from ember.memory.guest_memory import GuestMemoryError
     from ember.snapshot.atomic import SnapshotWriteError
@@ -47,6 +49,8 @@ def _expected_vmm_errors() -> tuple[type[BaseException], ...]:
         ApiError,
         KernelLoadError,
         ConfigError,
+        BlockError,
+        SlotAllocationError,
         SnapshotCreateError,
         SnapshotWriteError,
         SnapshotLoadError,

@@ -56,6 +56,55 @@ class BootSource(Body):
     initrd_path: str | None = None
 
 
+DriveId = Annotated[str, Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_]+$")]
+CacheType = Literal["Unsafe", "Writeback"]
+
+
+class TokenBucket(Body):
+    size: Annotated[int, Meta(ge=0)]
+    refill_time: Annotated[int, Meta(ge=0)]
+    one_time_burst: Annotated[int, Meta(ge=0)] | None = None
+
+
+class RateLimiter(Body):
+    bandwidth: TokenBucket | None = None
+    ops: TokenBucket | None = None
+
+    @property
+    def limits(self) -> bool:
+        """Whether any bucket limits anything (an empty bucket, or one with a
+        zero size or refill time, does not)."""
+        return any(
+            bucket is not None and bucket.size > 0 and bucket.refill_time > 0
+            for bucket in (self.bandwidth, self.ops)
+        )
+
+
+class Drive(Body):
+    """PUT /drives/{drive_id}: a virtio-block device backed by a host file.
+
+    `socket` (vhost-user) and `io_engine` "Async" are Firecracker's and parse
+    here, so that refusing them can name them."""
+
+    drive_id: DriveId
+    is_root_device: bool
+    path_on_host: str | None = None
+    is_read_only: bool = False
+    partuuid: str | None = None
+    cache_type: CacheType = "Unsafe"
+    rate_limiter: RateLimiter | None = None
+    io_engine: Literal["Sync", "Async"] = "Sync"
+    socket: str | None = None
+
+
+class PartialDrive(Body):
+    """PATCH /drives/{drive_id}: after start, back the drive with another file."""
+
+    drive_id: DriveId
+    path_on_host: str | None = None
+    rate_limiter: RateLimiter | None = None
+
+
 class InstanceActionInfo(Body):
     action_type: Literal["InstanceStart", "SendCtrlAltDel", "FlushMetrics"]
 
@@ -131,8 +180,9 @@ class SnapshotLoadParams(Body):
 class ConfigFile(Body):
     """`--config-file`: the same resources the API configures, in one JSON object.
 
-    Device sections are accepted in the file's grammar so that a Firecracker config
-    with empty device lists loads; a non-empty one is refused later, by name."""
+    Drives are applied as PUT /drives would be. The other device sections are
+    accepted in the file's grammar so that a Firecracker config with empty device
+    lists loads; a non-empty one is refused later, by name."""
 
     boot_source: BootSource | None = msgspec.field(name="boot-source", default=None)
     machine_config: MachineConfiguration | None = msgspec.field(
@@ -140,7 +190,7 @@ class ConfigFile(Body):
     )
     logger: Logger | None = None
     metrics: Metrics | None = None
-    drives: list[Any] = msgspec.field(default_factory=list)
+    drives: list[Drive] = msgspec.field(default_factory=list)
     network_interfaces: list[Any] = msgspec.field(
         name="network-interfaces", default_factory=list
     )
@@ -178,10 +228,20 @@ class BootSourceView(msgspec.Struct, omit_defaults=True):
     initrd_path: str | None = None
 
 
+class DriveView(msgspec.Struct, omit_defaults=True):
+    drive_id: str
+    path_on_host: str
+    is_root_device: bool
+    is_read_only: bool
+    cache_type: str
+    io_engine: str
+    partuuid: str | None = None
+
+
 class FullVmConfiguration(msgspec.Struct, omit_defaults=True):
     machine_config: MachineConfigurationView = msgspec.field(name="machine-config")
     # Always present, as in Firecracker, even while Ember has no such devices.
-    drives: list[Any] = msgspec.field()
+    drives: list[DriveView] = msgspec.field()
     network_interfaces: list[Any] = msgspec.field(name="network-interfaces")
     boot_source: BootSourceView | None = msgspec.field(name="boot-source", default=None)
     logger: Logger | None = None

@@ -4,6 +4,11 @@ Pure code: it runs on the API thread, answers what is malformed without
 bothering the VMM, and hands the rest to the controller. Paths, methods and
 bodies are Firecracker's; the device endpoints Ember does not have yet answer
 400 saying so.
+
+A route's path is either exact ("/machine-config") or a template with one
+parameter per segment ("/drives/{drive_id}"). A parameter names the body field
+that must hold the same value, so a body cannot configure another resource than
+the one its path names.
 """
 
 from __future__ import annotations
@@ -70,6 +75,14 @@ ROUTES: dict[tuple[str, str], Route] = {
         "put_snapshot_load", "Load snapshot", models.SnapshotLoadParams,
         "put_api_requests", "snapshot_load",
     ),
+    ("PUT", "/drives/{drive_id}"): Route(
+        "put_drive", "Drive configuration", models.Drive, "put_api_requests",
+        "drive",
+    ),
+    ("PATCH", "/drives/{drive_id}"): Route(
+        "patch_drive", "Drive update", models.PartialDrive, "patch_api_requests",
+        "drive",
+    ),
     ("PUT", "/logger"): Route(
         "put_logger", "Logger", models.Logger, "put_api_requests", "logger"
     ),
@@ -81,7 +94,6 @@ ROUTES: dict[tuple[str, str], Route] = {
 # Firecracker endpoints whose devices Ember does not have yet: path (or path
 # prefix, ending in "/") -> the answer.
 UNSUPPORTED_DEVICES: dict[str, str] = {
-    "/drives/": "block devices (drives) are not supported yet",
     "/network-interfaces/": "network interfaces are not supported yet",
     "/pmem/": "pmem devices are not supported yet",
     "/vsock": "the vsock device is not supported yet",
@@ -111,20 +123,69 @@ def unsupported_device(path: str) -> str | None:
     return None
 
 
+_EXACT_ROUTES = {key: route for key, route in ROUTES.items() if "{" not in key[1]}
+_TEMPLATE_ROUTES = [
+    (method, template.split("/"), route)
+    for (method, template), route in ROUTES.items()
+    if "{" in template
+]
+
+
+def find_route(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The route serving `method path`, with the values of its path parameters."""
+    route = _EXACT_ROUTES.get((method, path))
+    if route is not None:
+        return route, {}
+    segments = path.split("/")
+    for route_method, template, route in _TEMPLATE_ROUTES:
+        if route_method == method:
+            params = _match(template, segments)
+            if params is not None:
+                return route, params
+    return None
+
+
+def _match(template: list[str], segments: list[str]) -> dict[str, str] | None:
+    if len(template) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for expected, segment in zip(template, segments, strict=True):
+        if expected.startswith("{") and expected.endswith("}"):
+            if not segment:
+                return None
+            params[expected[1:-1]] = segment
+        elif expected != segment:
+            return None
+    return params
+
+
 def parse_request(method: str, path: str, body: bytes) -> ApiCall | Response:
     """The call to execute, or the error response that refuses the request."""
-    route = ROUTES.get((method, path))
-    if route is None:
+    found = find_route(method, path)
+    if found is None:
         return _refuse_unrouted(method, path)
+    route, params = found
     if route.body is None:
         return ApiCall(route.operation, route.title)
     try:
         decoded = msgspec.json.decode(body, type=route.body)
+        _check_path_params(params, decoded)
         if isinstance(decoded, models.SnapshotLoadParams):
             check_load_params(decoded)
     except (msgspec.ValidationError, msgspec.DecodeError, ApiError) as error:
         return fault_response(*fault_for(route.title, error))
     return ApiCall(route.operation, route.title, decoded, _is_deprecated(decoded))
+
+
+def _check_path_params(params: dict[str, str], body: msgspec.Struct) -> None:
+    for name, value in params.items():
+        in_body = getattr(body, name)
+        if in_body != value:
+            shown = value if len(value) <= 64 else value[:64] + "..."
+            raise ApiError(
+                f"the {name} in the path ({shown!r}) differs from the one in the "
+                f"body ({in_body!r})"
+            )
 
 
 def _refuse_unrouted(method: str, path: str) -> Response:
@@ -146,9 +207,9 @@ def _is_deprecated(body: msgspec.Struct) -> bool:
 
 def count_request(metrics: Metrics, request: Request, response: Response) -> None:
     """Firecracker's per-endpoint counters: `<metric>_count`, `<metric>_fails`."""
-    route = ROUTES.get((request.method, request.path))
-    if route is not None:
-        group, metric = route.metric_group, route.metric
+    found = find_route(request.method, request.path)
+    if found is not None:
+        group, metric = found[0].metric_group, found[0].metric
         metrics.increment(group, f"{metric}_count")
         if response.status >= 400 and group != "get_api_requests":
             metrics.increment(group, f"{metric}_fails")
