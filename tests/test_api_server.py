@@ -152,8 +152,8 @@ def test_many_idle_keep_alive_connections(ember: EmberProcess) -> None:
     try:
         for _ in range(300):
             sock = socket.socket(socket.AF_UNIX)
+            idle.append(sock)  # closed in `finally` even if connect fails
             sock.connect(str(ember.socket_path))
-            idle.append(sock)
         idle[0].sendall(b"GET / HTTP/1.1\r\n\r\n")  # some speak, most stay silent
         idle[-1].sendall(b"GET /machine-config HTTP/1.1\r\nContent-Le")
         assert_still_serving(ember)

@@ -94,7 +94,21 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
+        # With a timeout set, connecting to a Unix socket whose backlog is full
+        # fails with EAGAIN at once instead of waiting; retry for a while.
+        deadline = time.monotonic() + (self.timeout or 10)
+        while True:
+            try:
+                sock.connect(self.unix_path)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise
+                time.sleep(0.01)
+            except BaseException:
+                sock.close()
+                raise
         self.sock = sock
 
 

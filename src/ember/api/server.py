@@ -70,7 +70,8 @@ def bind_api_socket(path: str) -> socket.socket:
         ) from None
     finally:
         os.umask(old_umask)
-    sock.listen(128)
+    # A burst of clients must queue, not be refused: keep the backlog deep.
+    sock.listen(socket.SOMAXCONN)
     sock.setblocking(False)
     return sock
 
