@@ -725,6 +725,7 @@ def test_block_metrics_are_deltas_per_drive_and_summed(
     assert line["put_api_requests"]["drive_count"] == 3
     assert line["put_api_requests"]["drive_fails"] == 1
     assert line["patch_api_requests"]["drive_count"] == 1
+    assert line["block_a"]["update_count"] == 1
     assert line["block_a"]["read_bytes"] == 1024 and line["block_a"]["read_count"] == 2
     assert line["block_b"]["write_bytes"] == 4096
     assert line["block_b"]["event_fails"] == 1

@@ -258,10 +258,17 @@ class Controller:
         path = drives.check_update(call.body)
         check_path("path_on_host", path)
         drive_id = call.body.drive_id
+        attached = vm.drives.get(drive_id)
         try:
             vm.update_drive(drive_id, path)
         except KeyError:
             raise ApiError(f"unknown drive {drive_id!r}") from None
+        except Exception:
+            if attached is not None:
+                attached.device.metrics.update_fails += 1
+            raise
+        if attached is not None:
+            attached.device.metrics.update_count += 1
         return no_content()
 
     def _put_logger(self, call: ApiCall) -> Response:
