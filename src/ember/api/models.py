@@ -240,7 +240,8 @@ class DriveView(msgspec.Struct, omit_defaults=True):
 
 class FullVmConfiguration(msgspec.Struct, omit_defaults=True):
     machine_config: MachineConfigurationView = msgspec.field(name="machine-config")
-    # Always present, as in Firecracker, even while Ember has no such devices.
+    # Both lists are always present, as in Firecracker (network interfaces stay
+    # empty while Ember has none).
     drives: list[DriveView] = msgspec.field()
     network_interfaces: list[Any] = msgspec.field(name="network-interfaces")
     boot_source: BootSourceView | None = msgspec.field(name="boot-source", default=None)
