@@ -4,6 +4,8 @@ process, with the test guest's virtio-block driver on the other side."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,5 +239,39 @@ def test_load_through_a_uffd_handler(tmp_path: Path, client_of: Any) -> None:
             second.expect_line(r"CPUS 2 alive 2")
             stats = handler.wait_stats(lambda s: s["totals"]["pages_served"] > 0)
             assert stats["totals"]["errors"] == 0
+    finally:
+        handler.close()
+
+
+def test_ember_snapshot_load_with_uffd(tmp_path: Path, client_of: Any) -> None:
+    """`ember snapshot load --uffd SOCKET`, the command-line form of the above."""
+    state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
+    with ember_process(tmp_path) as first:
+        last = boot_ticking_guest(first, vcpus=1)
+        client = client_of(first)
+        assert client.patch("/vm", {"state": "Paused"}).status == 204
+        body = {"snapshot_path": str(state), "mem_file_path": str(memory)}
+        assert client.put("/snapshot/create", body).status == 204
+
+    handler = HandlerProcess(tmp_path / "uffd.sock", memory)
+    try:
+        with ember_process(tmp_path) as second:
+            result = subprocess.run(
+                [
+                    sys.executable, "-m", "ember.cli", "snapshot", "load",
+                    "--api-sock", str(second.socket_path),
+                    "--snapshot-path", str(state),
+                    "--uffd", handler.socket_path,
+                    "--resume",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert "running" in result.stdout
+            continues_ticking(second, last)
+            assert client_of(second).get("/").json()["state"] == "Running"
     finally:
         handler.close()

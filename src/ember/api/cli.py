@@ -133,7 +133,15 @@ def add_snapshot_api_commands(actions: Subparsers) -> None:
     )
     _add_socket(load)
     load.add_argument("--snapshot-path", required=True, metavar="STATE")
-    load.add_argument("--mem-file-path", required=True, metavar="MEM")
+    memory = load.add_mutually_exclusive_group(required=True)
+    memory.add_argument(
+        "--mem-file-path", metavar="MEM", help="map this memory file (File backend)"
+    )
+    memory.add_argument(
+        "--uffd",
+        metavar="SOCKET",
+        help="have the page-fault handler listening here serve memory (Uffd backend)",
+    )
     load.add_argument(
         "--resume", action="store_true", help="run the microVM once loaded"
     )
@@ -216,7 +224,11 @@ def _snapshot_load(args: argparse.Namespace) -> int:
 
     body = {
         "snapshot_path": args.snapshot_path,
-        "mem_backend": {"backend_type": "File", "backend_path": args.mem_file_path},
+        "mem_backend": (
+            {"backend_type": "Uffd", "backend_path": args.uffd}
+            if args.uffd
+            else {"backend_type": "File", "backend_path": args.mem_file_path}
+        ),
         "resume_vm": args.resume,
         "track_dirty_pages": args.track_dirty_pages,
         "clock_realtime": args.clock_realtime,
