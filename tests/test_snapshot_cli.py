@@ -115,3 +115,13 @@ def test_rebase_refuses_files_of_different_sizes(
     assert result.returncode == 1
     assert "not snapshots of the same microVM" in result.stderr
     assert other.read_bytes() == b"x" * 4096
+
+
+def test_progress_bar_reads_the_monitors_temporary_file(tmp_path: Path) -> None:
+    from ember.api.cli import _partial_bytes
+
+    target = tmp_path / "vm.mem"
+    assert _partial_bytes(target) == 0
+    (tmp_path / ".vm.mem.k2j4.partial").write_bytes(b"\x01" * (1 << 20))
+    (tmp_path / ".other.mem.x.partial").write_bytes(b"\x01" * (4 << 20))
+    assert 1 << 20 <= _partial_bytes(target) < 4 << 20

@@ -7,6 +7,7 @@ Kept here so that `ember.cli` only wires them in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -200,10 +201,13 @@ def _snapshot_create(args: argparse.Namespace) -> int:
             "snapshot_path": args.snapshot_path,
             "mem_file_path": args.mem_file_path,
         }
+        memory_bytes = int(client.get("/machine-config")["mem_size_mib"]) << 20
         try:
             seconds = _with_progress(
                 f"writing {args.mem_file_path}",
                 lambda: client.put("/snapshot/create", body),
+                Path(args.mem_file_path),
+                memory_bytes,
             )
         finally:
             if was_running and not args.keep_paused:
@@ -242,33 +246,64 @@ def _snapshot_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_progress(label: str, work: Callable[[], object]) -> float:
-    """Run `work` (one API request) with a spinner on a terminal; its seconds.
+def _partial_bytes(target: Path) -> int:
+    """Bytes already on disk in the monitor's temporary file for `target`.
 
-    The monitor does the writing and answers only when it is done, so what can
-    be shown from here is that it is working, and for how long."""
+    The monitor writes `.<name>.<random>.partial` beside the target and renames it
+    at the end (ember.snapshot.atomic), so its allocated size is the progress."""
+    total = 0
+    try:
+        for candidate in target.parent.glob(f".{target.name}.*.partial"):
+            with contextlib.suppress(OSError):
+                total = max(total, candidate.stat().st_blocks * 512)
+    except OSError:
+        pass
+    return total
+
+
+def _with_progress(
+    label: str, work: Callable[[], object], target: Path, total_bytes: int
+) -> float:
+    """Run `work` (the create request) with a progress bar on a terminal; returns
+    its seconds. Pages that are all zeros are left as holes, so a full snapshot of
+    a mostly empty guest finishes well before the bar's end."""
     started = time.monotonic()
     if not sys.stderr.isatty():
         work()
         return time.monotonic() - started
     try:
-        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
     except ImportError:
         work()
         return time.monotonic() - started
     done = threading.Event()
-    console = Console(stderr=True)
-    with console.status(label) as status:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(label, total=total_bytes)
 
-        def tick() -> None:
+        def watch() -> None:
             while not done.wait(0.1):
-                status.update(f"{label} … {time.monotonic() - started:.1f} s")
+                progress.update(task, completed=_partial_bytes(target))
 
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
             work()
         finally:
             done.set()
-            ticker.join()
+            watcher.join()
+        progress.update(task, completed=total_bytes)
     return time.monotonic() - started
