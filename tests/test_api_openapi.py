@@ -99,7 +99,9 @@ def fuzz_test(
         phases=[Phase.explicit, Phase.generate],
     )
     def fuzz(case: Any) -> None:
-        if time.monotonic() > deadline:
+        # The budget bounds the run, but every operation gets a few cases even on
+        # a loaded machine where generating them ate its share of the time.
+        if time.monotonic() > deadline and SENT.count(operation.label) >= 3:
             return
         SENT.append(operation.label)
         case.call_and_validate(

@@ -45,7 +45,7 @@ def _vendor(state: MicrovmState) -> str:
 
 def _devices(state: MicrovmState) -> list[str]:
     fields = msgspec.structs.asdict(state.device_states)
-    return [name for name, value in fields.items() if value is not None]
+    return [name for name, value in fields.items() if value not in (None, [], {})]
 
 
 def format_text(info: dict[str, Any]) -> str:
