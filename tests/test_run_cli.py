@@ -245,3 +245,15 @@ def test_vcpu_count_out_of_range_is_one_line(vcpus: str) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("ember: error: vcpu_count must be 1..32")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_monitor_flags_with_a_subcommand_are_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "--api-sock", "/tmp/x.sock", "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "cannot be combined with `run`" in result.stderr

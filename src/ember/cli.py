@@ -333,6 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_monitor_from_args(args)
         parser.print_help()
         return 2
+    if wants_monitor(args):
+        print(
+            f"ember: error: the monitor flags (--api-sock, --config-file, ...) start "
+            f"the API server and cannot be combined with `{args.command}`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         status: int = args.handler(args)
     except _expected_errors() as error:
