@@ -322,6 +322,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `ember` runs as many short-lived processes (each restore, each clone), and
+    # compiling its modules from source costs ~60 ms per start here. The command
+    # therefore keeps Python's bytecode cache even where the environment turns it
+    # off (PYTHONDONTWRITEBYTECODE); importing ember as a library does not.
+    sys.dont_write_bytecode = False
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
