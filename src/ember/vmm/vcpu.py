@@ -117,7 +117,6 @@ class VcpuThread:
         self._thread = threading.Thread(
             target=self._run, name=f"vcpu{self.index}", daemon=True
         )
-        self.exit_counts: dict[str, int] = {}
 
     @property
     def state(self) -> VcpuRunState:
@@ -227,8 +226,6 @@ class VcpuThread:
         return None
 
     def _handle(self, event: VcpuExit) -> VcpuStop | None:
-        kind = type(event).__name__
-        self.exit_counts[kind] = self.exit_counts.get(kind, 0) + 1
         match event:
             case IoOut(port=port, size=size, data=data):
                 for start in range(0, len(data), size):

@@ -20,14 +20,16 @@ INTEL = b"GenuineIntel"
 AMD = b"AuthenticAMD"
 
 
+def vendor_string(ebx: int, ecx: int, edx: int) -> bytes:
+    """The 12-byte vendor string CPUID leaf 0 spells out in EBX, EDX, ECX."""
+    return b"".join(value.to_bytes(4, "little") for value in (ebx, edx, ecx))
+
+
 def vendor(entries: list[KvmCpuidEntry2]) -> bytes:
-    """The 12-byte vendor string of leaf 0."""
+    """The vendor string of a KVM CPUID table's leaf 0."""
     for entry in entries:
         if entry.function == 0:
-            return b"".join(
-                value.to_bytes(4, "little")
-                for value in (entry.ebx, entry.edx, entry.ecx)
-            )
+            return vendor_string(entry.ebx, entry.ecx, entry.edx)
     return b""
 
 

@@ -20,6 +20,7 @@ import logging
 
 import msgspec
 
+from ember.arch.x86_64.cpuid import vendor_string
 from ember.arch.x86_64.msrs import MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE
 from ember.kvm import structs as s
 from ember.kvm.system import VcpuFd
@@ -43,13 +44,10 @@ class CpuidEntry(msgspec.Struct, frozen=True, array_like=True):
 
 
 def saved_cpu_vendor(cpuid: list[CpuidEntry]) -> bytes:
-    """The 12-byte vendor string recorded in a saved CPUID table (leaf 0)."""
+    """The vendor string recorded in a saved CPUID table (leaf 0)."""
     for entry in cpuid:
         if entry.function == 0:
-            return b"".join(
-                value.to_bytes(4, "little")
-                for value in (entry.ebx, entry.edx, entry.ecx)
-            )
+            return vendor_string(entry.ebx, entry.ecx, entry.edx)
     return b""
 
 
