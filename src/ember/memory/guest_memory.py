@@ -12,7 +12,7 @@ import ctypes
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ember.memory.address import FileOffset, GuestAddress, HostAddress
@@ -119,23 +119,45 @@ class GuestMemory:
         self.regions = sorted(regions, key=lambda region: region.guest_base)
 
     @classmethod
+    def _map_layout(
+        cls,
+        layout: list[tuple[int, int]],
+        map_region: Callable[[int, int], mmap.mmap],
+        anonymous: bool,
+    ) -> GuestMemory:
+        """One region per (guest base, size), mapped by `map_region(size, file
+        offset)`; the regions follow each other in the memory file's order. A
+        failure part-way unmaps what was already mapped."""
+        regions: list[GuestRegion] = []
+        offset = 0
+        try:
+            for base, size in layout:
+                regions.append(
+                    GuestRegion(
+                        GuestAddress(base),
+                        size,
+                        map_region(size, offset),
+                        FileOffset(offset),
+                        anonymous=anonymous,
+                    )
+                )
+                offset += size
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
+        return cls(regions)
+
+    @classmethod
     def anonymous(
         cls, layout: list[tuple[int, int]], transparent_huge_pages: bool = False
     ) -> GuestMemory:
         """Fresh zeroed memory for `layout`, a list of (guest base, size)."""
-        regions = []
-        offset = 0
-        for base, size in layout:
-            regions.append(
-                GuestRegion(
-                    GuestAddress(base),
-                    size,
-                    _anonymous_mapping(size, transparent_huge_pages),
-                    FileOffset(offset),
-                )
-            )
-            offset += size
-        return cls(regions)
+        return cls._map_layout(
+            layout,
+            lambda size, _: _anonymous_mapping(size, transparent_huge_pages),
+            anonymous=True,
+        )
 
     @classmethod
     def for_userfaultfd(
@@ -152,28 +174,12 @@ class GuestMemory:
         )
         if hugetlb:
             flags |= MAP_HUGETLB | MAP_HUGE_2MB
-        regions: list[GuestRegion] = []
-        offset = 0
-        try:
-            for base, size in layout:
-                mapping = mmap.mmap(
-                    -1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE
-                )
-                regions.append(
-                    GuestRegion(
-                        GuestAddress(base),
-                        size,
-                        mapping,
-                        FileOffset(offset),
-                        anonymous=False,
-                    )
-                )
-                offset += size
-        except BaseException:
-            for region in regions:
-                region.close()
-            raise
-        return cls(regions)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        return cls._map_layout(
+            layout,
+            lambda size, _: mmap.mmap(-1, size, flags=flags, prot=prot),
+            anonymous=False,
+        )
 
     @classmethod
     def from_file(cls, path: str, layout: list[tuple[int, int]]) -> GuestMemory:
@@ -186,27 +192,16 @@ class GuestMemory:
                     f"memory file {path} holds {actual} bytes, the snapshot's "
                     f"regions need {needed}"
                 )
-            regions = []
-            offset = 0
-            for base, size in layout:
-                mapping = mmap.mmap(
-                    file.fileno(),
-                    size,
-                    flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=offset,
-                )
-                regions.append(
-                    GuestRegion(
-                        GuestAddress(base),
-                        size,
-                        mapping,
-                        FileOffset(offset),
-                        anonymous=False,
-                    )
-                )
-                offset += size
-        return cls(regions)
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            fd = file.fileno()
+            return cls._map_layout(
+                layout,
+                lambda size, offset: mmap.mmap(
+                    fd, size, flags=flags, prot=prot, offset=offset
+                ),
+                anonymous=False,
+            )
 
     @property
     def total_size(self) -> int:
