@@ -25,7 +25,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ember.api.http import (
     Response,
     encode_response,
 )
+from ember.unix_socket import SocketPathError, clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +78,9 @@ def bind_api_socket(path: str) -> socket.socket:
 
 def _clear_stale_socket(path: str) -> None:
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise ApiSocketError(f"cannot check {path}: {error.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise ApiSocketError(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing stale API socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except OSError as error:
-        raise ApiSocketError(f"cannot check {path}: {error.strerror}") from None
-    finally:
-        probe.close()
-    raise ApiSocketError(f"another process is serving on {path}")
+        clear_stale_socket(path)
+    except SocketPathError as error:
+        raise ApiSocketError(str(error)) from None
 
 
 class _Connection:

@@ -42,7 +42,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +55,7 @@ from ember.uffd_handler.protocol import (
     RegionMapping,
     decode_handshake,
 )
+from ember.unix_socket import SocketPathError, clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -772,21 +772,7 @@ def _peer_pid(conn: socket.socket) -> int | None:
 
 
 def _clear_stale_socket(path: str) -> None:
-    """Remove a socket left by a handler that died; refuse to steal a live one."""
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise HandlerError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError as error:
-        raise HandlerError(f"cannot check {path}: {error.strerror}") from None
-    finally:
-        probe.close()
-    raise HandlerError(f"another handler is already listening on {path}")
+        clear_stale_socket(path)
+    except SocketPathError as error:
+        raise HandlerError(str(error)) from None
