@@ -15,6 +15,10 @@ class SocketPathError(Exception):
     """The path cannot be used for a new listening socket."""
 
 
+class SocketInUseError(SocketPathError):
+    """A live process is listening on the path."""
+
+
 def clear_stale_socket(path: str) -> None:
     """Remove a socket nobody listens on any more; refuse a live one or a file
     that is not a socket, so we never steal another process's endpoint."""
@@ -38,4 +42,4 @@ def clear_stale_socket(path: str) -> None:
         raise SocketPathError(f"cannot check {path}: {error.strerror}") from None
     finally:
         probe.close()
-    raise SocketPathError(f"another process is serving on {path}")
+    raise SocketInUseError(f"another process is serving on {path}")

@@ -55,7 +55,7 @@ from ember.uffd_handler.protocol import (
     RegionMapping,
     decode_handshake,
 )
-from ember.unix_socket import SocketPathError, clear_stale_socket
+from ember.unix_socket import SocketInUseError, SocketPathError, clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -774,5 +774,7 @@ def _peer_pid(conn: socket.socket) -> int | None:
 def _clear_stale_socket(path: str) -> None:
     try:
         clear_stale_socket(path)
+    except SocketInUseError:
+        raise HandlerError(f"another handler is already listening on {path}") from None
     except SocketPathError as error:
         raise HandlerError(str(error)) from None
