@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ember.console import ConsoleLog
+
 # The test guest's protocol answers (everything but TICK lines).
 ANSWER = re.compile(r"^(OK|BAD.*|ERR.*|CPUS .*|READY .*|PANIC.*)$")
 QEMU_BINARY = "qemu-system-x86_64"
@@ -41,54 +43,18 @@ class BenchError(Exception):
 # --- console lines with their arrival times -----------------------------------
 
 
-class TimedLog:
-    """Console output split into lines, each stamped with `perf_counter()` at the
-    moment its newline arrived; `expect` waits for one matching a pattern."""
+class TimedLog(ConsoleLog):
+    """Ember's console reader, answering `(arrival time, line)` and failing with
+    `BenchError`."""
 
-    def __init__(self) -> None:
-        self._lines: list[tuple[float, str]] = []
-        self._partial = b""
-        self._cond = threading.Condition()
-        self.cursor = 0
-
-    def feed(self, data: bytes) -> None:
-        now = time.perf_counter()
-        with self._cond:
-            self._partial += data
-            *complete, self._partial = self._partial.split(b"\n")
-            for raw in complete:
-                line = raw.decode(errors="replace").rstrip("\r")
-                self._lines.append((now, line))
-            if complete:
-                self._cond.notify_all()
-
-    def skip_to_end(self) -> None:
-        with self._cond:
-            self.cursor = len(self._lines)
-
-    def expect(
+    def expect(  # type: ignore[override]
         self, pattern: str | re.Pattern[str], timeout: float
     ) -> tuple[float, str]:
-        """(arrival time, line) of the first line from the cursor matching
-        `pattern`; moves the cursor past it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for index in range(self.cursor, len(self._lines)):
-                    stamp, line = self._lines[index]
-                    if regex.search(line):
-                        self.cursor = index + 1
-                        return stamp, line
-                self.cursor = len(self._lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tail = "\n".join(line for _, line in self._lines[-10:])
-                    raise BenchError(
-                        f"no console line matching {regex.pattern!r} within "
-                        f"{timeout:g} s; last lines:\n{tail}"
-                    )
-                self._cond.wait(remaining)
+        try:
+            stamp, match = self.expect_stamped(pattern, timeout)
+        except TimeoutError as error:
+            raise BenchError(str(error)) from None
+        return stamp, match.string
 
 
 # --- child processes ------------------------------------------------------------

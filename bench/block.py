@@ -35,6 +35,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ember.console import ConsoleLog
+
 SECTOR = 512
 ANSWER = re.compile(r"^(OK|ERR.*|SUM .*|PANIC.*)$")
 QEMU = "qemu-system-x86_64"
@@ -44,9 +46,7 @@ class Monitor:
     """A monitor process whose stdout is the guest console."""
 
     def __init__(self, argv: Sequence[str]) -> None:
-        self.lines: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._cursor = 0
+        self.log = ConsoleLog()
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
@@ -58,31 +58,24 @@ class Monitor:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        partial = b""
         while chunk := self.process.stdout.read1(65536):
-            now = time.perf_counter()
-            partial += chunk
-            *complete, partial = partial.split(b"\n")
-            with self._cond:
-                for raw in complete:
-                    self.lines.append((now, raw.decode(errors="replace").rstrip()))
-                self._cond.notify_all()
+            self.log.feed(chunk)
 
     def expect(self, pattern: re.Pattern[str], timeout: float) -> tuple[float, str]:
+        """(arrival time, line) of the next line matching `pattern`; gives up early
+        if the monitor exits."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for index in range(self._cursor, len(self.lines)):
-                    stamp, line = self.lines[index]
-                    if pattern.search(line):
-                        self._cursor = index + 1
-                        return stamp, line
-                self._cursor = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.process.poll() is not None:
-                    tail = "\n".join(line for _, line in self.lines[-5:])
-                    raise RuntimeError(f"no answer from {self.process.args}:\n{tail}")
-                self._cond.wait(min(remaining, 0.5))
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                stamp, match = self.log.expect_stamped(pattern, min(remaining, 0.5))
+                return stamp, match.string
+            except TimeoutError:
+                if remaining <= 0.5 or self.process.poll() is not None:
+                    tail = "\n".join(self.log.lines[-5:])
+                    raise RuntimeError(
+                        f"no answer from {self.process.args}:\n{tail}"
+                    ) from None
 
     def timed(self, command: str, timeout: float = 300.0) -> tuple[float, str]:
         """(seconds from sending `command` to its answer, the answer)."""
