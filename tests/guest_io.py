@@ -6,12 +6,7 @@ command and returns the first protocol answer after it, skipping `TICK` lines.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
-from collections.abc import Sequence
-
-from ember.console import ANSWER, ConsoleLog
+from ember.console import ANSWER, ConsoleLog, ConsoleProcess
 from ember.vmm.config import BootSource, MachineConfig
 from ember.vmm.microvm import Console, Microvm
 
@@ -62,42 +57,5 @@ class InProcessGuest(GuestConsole):
         self.microvm.close()
 
 
-class EmberProcess(GuestConsole):
+class EmberProcess(ConsoleProcess, GuestConsole):
     """`ember ...` as a child process with its console on pipes."""
-
-    def __init__(self, args: Sequence[str]) -> None:
-        self.log = ConsoleLog()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ember.cli", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        while chunk := self.process.stdout.read1(4096):
-            self.log.feed(chunk)
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command.encode() + b"\n")
-        self.process.stdin.flush()
-
-    def wait(self, timeout: float = 30.0) -> int:
-        return self.process.wait(timeout)
-
-    @property
-    def stderr(self) -> str:
-        assert self.process.stderr is not None
-        return self.process.stderr.read().decode(errors="replace")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()

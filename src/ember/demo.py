@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.console import ANSWER, ConsoleLog
+from ember.console import ANSWER, ConsoleLog, ConsoleProcess
 
 RESTORED_IN = re.compile(r"restored from .* in ([0-9.]+) ms")
 
@@ -50,65 +47,26 @@ class _Say:
         print(f"[{time.monotonic() - self.started:6.2f}s] {message}", flush=True)
 
 
-class _Clone:
-    """An `ember run --snapshot` child process and its console."""
+class _Clone(ConsoleProcess):
+    """An `ember run --snapshot` child process, its console echoed with a name."""
 
     def __init__(self, name: str, state: Path, mem: Path, say: Callable[[str], None]):
         self.name = name
-        self.log = ConsoleLog(echo=lambda line: say(f"  {name} | {line}"))
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ember.cli",
-                "--level",
-                "Info",
-                "run",
-                "--snapshot",
-                str(state),
-                "--mem-file",
-                str(mem),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        args = ["--level", "Info", "run", "--snapshot", str(state)]
+        super().__init__(
+            [*args, "--mem-file", str(mem)],
+            echo=lambda line: say(f"  {name} | {line}"),
         )
-        self.stderr = ConsoleLog()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.process.stdout, self.log)),
-            threading.Thread(
-                target=self._pump, args=(self.process.stderr, self.stderr)
-            ),
-        ]
-        for thread in self._threads:
-            thread.daemon = True
-            thread.start()
-
-    @staticmethod
-    def _pump(stream: object, log: ConsoleLog) -> None:
-        while chunk := stream.read1(4096):  # type: ignore[attr-defined]
-            log.feed(chunk)
-
-    def ask(self, command: str, timeout: float = 60.0) -> str:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command.encode() + b"\n")
-        self.process.stdin.flush()
-        return self.log.expect(ANSWER, timeout).group(0)
 
     def restore_ms(self) -> float:
-        return float(self.stderr.expect(RESTORED_IN, 30).group(1))
+        return float(self.stderr_log.expect(RESTORED_IN, 30).group(1))
 
     def finish(self) -> int:
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"reset\n")
-        self.process.stdin.flush()
-        return self.process.wait(timeout=30)
+        self.send("reset")
+        return self.wait(timeout=30)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.close()
 
 
 def _expect_answer(actual: str, expected: str, what: str) -> None:
