@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,12 @@ class BootSource:
     kernel_image_path: str
     boot_args: str = DEFAULT_CMDLINE
     initrd_path: str | None = None
+
+    def __post_init__(self) -> None:
+        # Paths given as pathlib objects become strings: the snapshot records them.
+        object.__setattr__(self, "kernel_image_path", os.fspath(self.kernel_image_path))
+        if self.initrd_path is not None:
+            object.__setattr__(self, "initrd_path", os.fspath(self.initrd_path))
 
 
 @dataclass(frozen=True)
