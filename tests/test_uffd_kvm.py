@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from ember.snapshot.state_file import encode_state, load_state_file
 from ember.snapshot.uffd import HandlerConnectError, HugePagesUnavailableError
 from ember.vmm.microvm import Console
 from guest_io import EmberProcess, InProcessGuest
-from uffd_process import HandlerProcess
+from test_api_support import ember_process
+from uffd_process import HandlerProcess, wait_for_userfault
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -181,6 +183,78 @@ def test_in_process_microvm_stops_when_its_handler_dies(
             assert vcpu.state.value == "exited"
     finally:
         guest.close()
+
+
+def test_handler_dying_while_the_restore_itself_waits_for_a_page(
+    snapshot: Snapshot, handler: HandlerProcess
+) -> None:
+    # The frozen handler takes the handshake (the kernel queues the connection)
+    # but serves nothing: the monitor's own first write into guest memory during
+    # the restore (the new generation ID) waits for a page, on a thread that is
+    # not a vCPU.
+    handler.signal(signal.SIGSTOP)
+    ember = EmberProcess(
+        ["run", "--snapshot", snapshot.state, "--uffd", handler.socket_path]
+    )
+    try:
+        wait_for_userfault(ember.process.pid)
+        handler.signal(signal.SIGKILL)
+        handler.wait()
+        killed = time.monotonic()
+        status = ember.wait(timeout=10)
+        assert time.monotonic() - killed < 5
+        assert status != 0
+        assert "page-fault handler" in ember.stderr
+        assert "TICK" not in ember.log.text()  # the guest never ran on zero pages
+    finally:
+        ember.close()
+
+
+def test_handler_dying_while_a_snapshot_is_written(
+    snapshot: Snapshot, handler: HandlerProcess, tmp_path: Path
+) -> None:
+    # An earlier snapshot sits at the target paths; the new one reads guest
+    # memory through the handler, which dies part-way.
+    state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
+    state.write_bytes(Path(snapshot.state).read_bytes())
+    os.link(snapshot.mem, memory)  # the same bytes, without copying 256 MiB
+    before = (state.stat().st_mtime_ns, memory.stat().st_mtime_ns)
+    with ember_process(tmp_path) as ember:
+        client = ember.client()
+        backend = {"backend_type": "Uffd", "backend_path": handler.socket_path}
+        answer = client.put(
+            "/snapshot/load", {"snapshot_path": snapshot.state, "mem_backend": backend}
+        )
+        assert answer.status == 204, answer.fault
+        handler.signal(signal.SIGSTOP)
+        outcome: list[object] = []
+
+        def create() -> None:
+            try:
+                outcome.append(
+                    client.put(
+                        "/snapshot/create",
+                        {"snapshot_path": str(state), "mem_file_path": str(memory)},
+                    ).status
+                )
+            except OSError as error:  # the process exited before it answered
+                outcome.append(error)
+
+        writer = threading.Thread(target=create, daemon=True)
+        writer.start()
+        wait_for_userfault(ember.process.pid)
+        handler.signal(signal.SIGKILL)
+        handler.wait()
+        killed = time.monotonic()
+        status = ember.process.wait(timeout=10)
+        assert time.monotonic() - killed < 5
+        assert status != 0
+        writer.join(10)
+        client.close()
+        assert outcome and outcome[0] != 204, outcome
+        assert "page-fault handler" in ember.stderr_text()
+    assert (state.stat().st_mtime_ns, memory.stat().st_mtime_ns) == before
+    assert state.read_bytes() == Path(snapshot.state).read_bytes()
 
 
 @pytest.mark.slow

@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import Any
 
 
+def wait_for_userfault(pid: int, timeout: float = 10.0) -> None:
+    """Return once some thread of process `pid` sleeps in the kernel waiting for
+    a page-fault handler to fill a page (its wchan is handle_userfault)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                if (task / "wchan").read_text() == "handle_userfault":
+                    return
+            except OSError:
+                pass  # the thread ended
+        time.sleep(0.02)
+    raise TimeoutError(f"no thread of process {pid} waits for a page")
+
+
 class HandlerProcess:
     """Starts the handler and waits until it accepts connections."""
 

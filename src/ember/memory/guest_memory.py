@@ -49,6 +49,10 @@ class GuestRegion:
     # One byte per page the monitor itself wrote since the last snapshot; KVM's
     # dirty log only sees writes made by the guest.
     monitor_dirty: bytearray = field(default_factory=bytearray, repr=False)
+    # Set when a page-fault handler fills this memory: a copy may then sleep until
+    # the handler serves the page, and must not hold the GIL meanwhile, or the
+    # thread that notices a dead handler could never run (see `read` and `write`).
+    served_by_handler: bool = False
 
     def __post_init__(self) -> None:
         if not self.monitor_dirty:
@@ -90,6 +94,23 @@ class GuestRegion:
 
     def contains(self, address: GuestAddress, length: int = 1) -> bool:
         return self.guest_base <= address and address + length <= self.guest_end
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` into the region (the caller checked bounds)."""
+        if not self.served_by_handler:
+            return self.mapping[offset : offset + length]
+        # ctypes foreign calls release the GIL; slicing the mmap would not.
+        buffer = ctypes.create_string_buffer(length)
+        ctypes.memmove(buffer, self.host_address + offset, length)
+        return buffer.raw
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `offset` into the region (the caller checked bounds)."""
+        if not self.served_by_handler:
+            self.mapping[offset : offset + len(data)] = data
+            return
+        source = data if isinstance(data, bytes) else bytes(data)
+        ctypes.memmove(self.host_address + offset, source, len(source))
 
     def close(self) -> None:
         self._anchor = None
@@ -175,11 +196,14 @@ class GuestMemory:
         if hugetlb:
             flags |= MAP_HUGETLB | MAP_HUGE_2MB
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        return cls._map_layout(
+        memory = cls._map_layout(
             layout,
             lambda size, _: mmap.mmap(-1, size, flags=flags, prot=prot),
             anonymous=False,
         )
+        for region in memory:
+            region.served_by_handler = True
+        return memory
 
     @classmethod
     def from_file(cls, path: str, layout: list[tuple[int, int]]) -> GuestMemory:
@@ -233,8 +257,7 @@ class GuestMemory:
 
     def read(self, address: GuestAddress, length: int) -> bytes:
         region = self.region_for(address, length)
-        start = address - region.guest_base
-        return region.mapping[start : start + length]
+        return region.read(address - region.guest_base, length)
 
     def write(
         self, address: GuestAddress, data: bytes | bytearray | memoryview
@@ -242,7 +265,7 @@ class GuestMemory:
         length = len(data)
         region = self.region_for(address, length)
         start = address - region.guest_base
-        region.mapping[start : start + length] = data
+        region.write(start, data)
         region.mark_dirty(start, length)
 
     def read_u16(self, address: GuestAddress) -> int:

@@ -61,6 +61,10 @@ class DiffNeedsDirtyTrackingError(SnapshotCreateError):
     pass
 
 
+class VmStoppedError(SnapshotCreateError):
+    pass
+
+
 @dataclass(frozen=True)
 class SnapshotStats:
     state_bytes: int
@@ -131,6 +135,13 @@ def create_snapshot(
     with AtomicFile(mem_path) as mem_file, AtomicFile(state_path) as state_file:
         writer = write_diff if diff else write_full
         dump: DumpStats = writer(microvm.memory, mem_file, progress)
+        if microvm.is_stopped:  # e.g. its page-fault handler died: memory is suspect
+            reason = microvm.stop_reason
+            raise VmStoppedError(
+                "the microVM stopped while its memory was written"
+                + (f" ({reason.message})" if reason is not None else "")
+                + "; no snapshot was written"
+            )
         mem_file.prepare()
         state_file.write_all(encoded)
         state_file.prepare()

@@ -159,6 +159,8 @@ def restore_microvm(
         raise
     microvm.uffd = uffd
     try:
+        if uffd is not None:
+            uffd.watch(microvm)  # from here on the restore itself may wait for pages
         check_cpu_vendor(microvm.kvm, state, strict_cpu_vendor)
         _restore_into(microvm, state, clock_realtime)
         microvm.attach_devices(console or Console.stdio())
@@ -169,10 +171,10 @@ def restore_microvm(
         microvm.restore_acpi_devices(
             state.device_states.vmgenid, state.device_states.vmclock
         )
+        if uffd is not None:
+            uffd.check_handler("the microVM was restored")
         microvm.start(microvm.pending_vcpu_fds, paused=True)
         microvm.kick_devices()
-        if uffd is not None:
-            uffd.watch(microvm)
     except BaseException:
         microvm.close()
         raise

@@ -19,12 +19,17 @@ a zero page instead of stale file contents.
 
 Like Firecracker we keep our own copy of the userfaultfd and our end of the
 connection open for the microVM's whole life. Unlike Firecracker we watch that
-connection: a handler that dies closes it, and a vCPU waiting for a page would
+connection: a handler that dies closes it, and any thread waiting for a page would
 otherwise sleep forever. On EOF the microVM is stopped with an error. Stopping kicks
 every vCPU; a vCPU asleep in a userfault inside KVM_RUN usually returns EINTR at once
-(KVM's fault path is interruptible), and if one does not within a grace period we
-close our userfaultfd: with no descriptor left the kernel releases every waiter and
-the vCPU sees its pending kick before it enters the guest again.
+(KVM's fault path is interruptible). After a grace period we close our userfaultfd:
+with no descriptor left the kernel releases every waiter — a vCPU then sees its
+pending kick before it enters the guest again, and a monitor thread (the device
+loop, a restore writing the generation ID, a snapshot reading memory) gets zero
+pages and finds the handler gone when it checks. Two things make that possible in
+Python: the watcher blocks on the connection in a thread of its own, and monitor
+threads copy handler-served memory with the GIL released (`GuestRegion.read`), so a
+thread asleep in a userfault never stops the watcher from running.
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class HandlerConnectError(UffdBackendError):
 
 class HandshakeSendError(UffdBackendError):
     """The handshake could not be sent to the page-fault handler."""
+
+
+class HandlerGoneError(UffdBackendError):
+    """The page-fault handler died while the monitor needed guest memory."""
 
 
 def free_huge_pages() -> int:
@@ -193,6 +202,7 @@ class UffdBackend:
         self._uffd = uffd
         self._sock = sock
         self._lock = threading.Lock()
+        self._closing = False
         self.handler_gone = False
 
     @classmethod
@@ -236,25 +246,29 @@ class UffdBackend:
         return pid or None
 
     def watch(self, microvm: Microvm) -> None:
-        """Stop `microvm` with an error as soon as the handler hangs up."""
-        fd = self._sock.fileno()
-        self._sock.setblocking(False)
+        """Stop `microvm` with an error as soon as the handler hangs up.
 
-        def on_event(events: int) -> None:
-            try:
-                data = self._sock.recv(4096)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                log.warning("page-fault handler connection failed: %s", error)
-                data = b""
-            if data:
+        A thread of its own blocks on the connection: the device event loop may
+        itself be the thread waiting for a page, and a waiting thread holds no GIL
+        (guest memory served by a handler is copied with the GIL released)."""
+        self._sock.settimeout(None)
+
+        def wait_for_hangup() -> None:
+            while True:
+                try:
+                    data = self._sock.recv(4096)
+                except OSError as error:
+                    if not self._closing:
+                        log.warning("page-fault handler connection failed: %s", error)
+                    data = b""
+                if self._closing:
+                    return  # we hung up ourselves
+                if not data:
+                    break
                 log.debug("ignoring %d bytes from the page-fault handler", len(data))
-                return
-            microvm.loop.remove(fd)
             self._handler_gone(microvm)
 
-        microvm.loop.add(fd, on_event)
+        threading.Thread(target=wait_for_hangup, name="uffd-watch", daemon=True).start()
 
     def _handler_gone(self, microvm: Microvm) -> None:
         self.handler_gone = True
@@ -271,6 +285,11 @@ class UffdBackend:
         ).start()
 
     def _unstick(self, microvm: Microvm) -> None:
+        """Release every thread still waiting for a page once the vCPUs had their
+        grace period: closing our userfaultfd, the last one open now that the
+        handler is gone, makes the kernel wake every waiter and fill the rest of
+        guest memory with zero pages. Nothing runs the guest on them: it has been
+        stopped, and a restore or snapshot in progress sees `handler_gone`."""
         deadline = time.monotonic() + UNSTICK_GRACE_S
         for vcpu in microvm.vcpus:
             vcpu.join(max(0.0, deadline - time.monotonic()))
@@ -279,12 +298,19 @@ class UffdBackend:
             for vcpu in microvm.vcpus
             if vcpu.state is not VcpuRunState.EXITED
         ]
-        if not stuck:
-            return
-        log.warning("vCPUs %s still wait for pages; releasing the userfaultfd", stuck)
+        if stuck:
+            log.warning("vCPUs %s still wait for pages; releasing them", stuck)
         self.close_userfaultfd()
         for vcpu in microvm.vcpus:
             vcpu.request_stop()
+
+    def check_handler(self, doing: str) -> None:
+        """Raise if the handler died: guest memory touched since may hold zero
+        pages instead of the snapshot's."""
+        if self.handler_gone:
+            raise HandlerGoneError(
+                f"the page-fault handler at {self.path} died while {doing}"
+            )
 
     def close_userfaultfd(self) -> None:
         with self._lock:
@@ -296,7 +322,11 @@ class UffdBackend:
     def close(self) -> None:
         """Hang up on the handler (it learns the microVM is gone) and drop our
         userfaultfd. Call after the vCPUs have stopped; idempotent."""
+        self._closing = True
         self.close_userfaultfd()
+        with self._lock, contextlib.suppress(OSError):
+            # shutdown() wakes the watcher blocked in recv(); close() alone would not.
+            self._sock.shutdown(socket.SHUT_RDWR)
         with self._lock, contextlib.suppress(OSError):
             self._sock.close()
 
