@@ -299,6 +299,40 @@ def test_missing_disk_fails_the_boot_cleanly(guest_elf: str, tmp_path: Path) -> 
 
 
 @pytest.mark.kvm
+def test_more_drives_than_interrupt_lines_fail_the_boot_cleanly(
+    guest_elf: str, tmp_path: Path
+) -> None:
+    # GSIs 5-23 are 19 lines; VMGenID and VMClock take two of them from the same
+    # allocator as the drives, so 17 drives fit and 18 do not.
+    from ember.devices.virtio.attach import SlotAllocationError
+
+    drives = [
+        DriveConfig(f"d{i}", str(sparse_disk(tmp_path / f"{i}.img", 1)))
+        for i in range(18)
+    ]
+    with pytest.raises(SlotAllocationError, match="VMGenID and VMClock"):
+        Microvm.boot(
+            MachineConfig(),
+            BootSource(guest_elf),
+            Console(write=lambda _: None),
+            drives,
+        )
+    microvm = Microvm.boot(
+        MachineConfig(),
+        BootSource(guest_elf),
+        Console(write=lambda _: None),
+        drives[:17],
+    )
+    try:
+        irqs = sorted(a.slot.irq for a in microvm.drives.values())
+        assert irqs == list(range(5, 22))
+        assert microvm.vmgenid is not None and microvm.vmclock is not None
+        assert {microvm.vmgenid.gsi, microvm.vmclock.gsi} == {22, 23}
+    finally:
+        microvm.close()
+
+
+@pytest.mark.kvm
 @pytest.mark.slow
 def test_write_snapshot_restore_in_a_new_process(
     guest_elf: str, tmp_path: Path, snapshot_dir: Path

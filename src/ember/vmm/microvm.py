@@ -32,7 +32,11 @@ from ember.devices.bus import PortBus
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial8250
 from ember.devices.mmio_bus import MmioBus
-from ember.devices.virtio.attach import MmioAttachment, allocate_slots
+from ember.devices.virtio.attach import (
+    MmioAttachment,
+    SlotAllocationError,
+    allocate_slots,
+)
 from ember.devices.virtio.block import Block, BlockState, drive_from_state, root_args
 from ember.devices.virtio.mmio import MmioSlot, MmioTransport
 from ember.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
@@ -48,7 +52,7 @@ from ember.vmm.config import (
     validate_machine,
 )
 from ember.vmm.event_loop import EventLoop
-from ember.vmm.resources import ResourceAllocator
+from ember.vmm.resources import ResourceAllocator, ResourceError
 from ember.vmm.vcpu import (
     ExitHandlers,
     VcpuRunState,
@@ -148,7 +152,8 @@ class Microvm:
         validate_machine(machine)
         drives = sorted(drives, key=lambda drive: not drive.is_root_device)
         validate_drives(drives)
-        slots = allocate_slots(len(drives))
+        resources = ResourceAllocator()
+        slots = allocate_slots(len(drives), resources)
         memory = GuestMemory.anonymous(
             layout.ram_layout(machine.mem_size_mib << 20),
             transparent_huge_pages=machine.huge_pages == "Transparent",
@@ -157,7 +162,8 @@ class Microvm:
         microvm.boot_source = boot
         try:
             rsdp = microvm.create_acpi_devices(
-                [VirtioMmioAcpiDevice(s.base, s.size, s.irq) for s in slots]
+                [VirtioMmioAcpiDevice(s.base, s.size, s.irq) for s in slots],
+                resources,
             )
             info = load_kernel(
                 microvm.memory,
@@ -333,18 +339,20 @@ class Microvm:
                     self.memory.mark_dirty(GuestAddress(address), length)
 
     def create_acpi_devices(
-        self, virtio_devices: Sequence[VirtioMmioAcpiDevice]
+        self,
+        virtio_devices: Sequence[VirtioMmioAcpiDevice],
+        resources: ResourceAllocator,
     ) -> GuestAddress:
-        """At boot: a VMGenID and a VMClock device on GSIs the virtio devices
-        do not use, and the ACPI tables that describe them all (the virtio
-        devices' windows and GSIs as given). Returns the RSDP's address for
-        the boot protocol."""
-        resources = ResourceAllocator()
-        for virtio in virtio_devices:
-            resources.reserve_mmio(virtio.base, virtio.size)
-            resources.reserve_gsi(virtio.gsi)
-        genid_gsi = resources.allocate_gsi()
-        clock_gsi = resources.allocate_gsi()
+        """At boot: a VMGenID and a VMClock device on GSIs taken from
+        `resources` (which placed the virtio devices), and the ACPI tables that
+        describe them all. Returns the RSDP's address for the boot protocol."""
+        try:
+            genid_gsi = resources.allocate_gsi()
+            clock_gsi = resources.allocate_gsi()
+        except ResourceError as error:
+            raise SlotAllocationError(
+                f"no interrupt line left for VMGenID and VMClock: {error}"
+            ) from None
         self.vmgenid = VmGenId.create(
             self.memory,
             layout.VMGENID_START,

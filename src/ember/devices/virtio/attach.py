@@ -6,8 +6,10 @@ queue's index to QueueNotify (an ioeventfd with a data match), so a notification
 never leaves the kernel on the vCPU side; the device event loop wakes on it and
 serves the queue. The interrupt line is an irqfd the caller provides.
 
-Until the shared resource allocator exists, `allocate_slots` hands out windows
-from the start of the 32-bit MMIO gap and GSIs from 5 up, as Firecracker does.
+`allocate_slots` takes windows and GSIs from the microVM's one
+`ResourceAllocator`, which also places the ACPI devices, so the DSDT, the
+`virtio_mmio.device=` entries and the devices agree by construction. Like
+Firecracker's, windows start at the bottom of the 32-bit MMIO gap and GSIs at 5.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import logging
 import os
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from ember.arch.x86_64 import layout
 from ember.devices.mmio_bus import MmioBus
 from ember.devices.virtio.mmio import (
     WINDOW_SIZE,
@@ -26,6 +27,7 @@ from ember.devices.virtio.mmio import (
     Reg,
     VirtioDevice,
 )
+from ember.vmm.resources import ResourceAllocator, ResourceError
 
 if TYPE_CHECKING:
     from ember.kvm.system import VmFd
@@ -35,30 +37,26 @@ log = logging.getLogger(__name__)
 
 D = TypeVar("D", bound=VirtioDevice)
 
-FIRST_GSI = 5
-LAST_GSI = 23  # the IOAPIC has 24 pins
-
 
 class SlotAllocationError(Exception):
     """No MMIO window or interrupt line is left for another device."""
 
 
-def allocate_slots(count: int) -> list[MmioSlot]:
-    # TODO: take windows and GSIs from the shared resource allocator (issue 5,
-    # ACPI part) once it lands, so the DSDT and these agree by construction.
-    if FIRST_GSI + count - 1 > LAST_GSI:
+def allocate_slots(count: int, resources: ResourceAllocator) -> list[MmioSlot]:
+    """A window and an interrupt line for each of `count` virtio-mmio devices."""
+    try:
+        return [
+            MmioSlot(
+                base=resources.allocate_mmio(WINDOW_SIZE),
+                size=WINDOW_SIZE,
+                irq=resources.allocate_gsi(),
+            )
+            for _ in range(count)
+        ]
+    except ResourceError as error:
         raise SlotAllocationError(
-            f"{count} virtio devices need GSIs {FIRST_GSI}..{FIRST_GSI + count - 1}; "
-            f"the IOAPIC ends at {LAST_GSI}"
-        )
-    return [
-        MmioSlot(
-            base=layout.MMIO32_START + index * WINDOW_SIZE,
-            size=WINDOW_SIZE,
-            irq=FIRST_GSI + index,
-        )
-        for index in range(count)
-    ]
+            f"no room for {count} virtio devices: {error}"
+        ) from None
 
 
 class MmioAttachment(Generic[D]):
