@@ -242,25 +242,31 @@ def test_pyrecracker_drives_ember(tmp_path: Path) -> None:
 
 
 def test_ember_snapshot_cli_talks_to_the_socket(tmp_path: Path) -> None:
-    state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
+    # The CLI runs in a directory of its own and names the files relative to it:
+    # they land there, not in the monitor's working directory.
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    state, memory = client_dir / "vm.state", client_dir / "vm.mem"
     cli = [sys.executable, "-m", "ember.cli", "snapshot"]
     with ember_process(tmp_path) as first:
         last = boot_ticking_guest(first, vcpus=1)
         created = subprocess.run(
             [*cli, "create", "--api-sock", str(first.socket_path),
-             "--snapshot-path", str(state), "--mem-file-path", str(memory)],
-            capture_output=True, text=True, timeout=120,
+             "--snapshot-path", "vm.state", "--mem-file-path", "vm.mem"],
+            capture_output=True, text=True, timeout=120, cwd=client_dir,
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
         assert "snapshot written" in created.stdout
+        assert state.is_file() and memory.is_file()
+        assert not (tmp_path / "vm.state").exists()
         client = first.client()
         assert client.get("/").json()["state"] == "Running"  # resumed afterwards
         client.close()
     with ember_process(tmp_path) as second:
         loaded = subprocess.run(
             [*cli, "load", "--api-sock", str(second.socket_path),
-             "--snapshot-path", str(state), "--mem-file-path", str(memory), "--resume"],
-            capture_output=True, text=True, timeout=120,
+             "--snapshot-path", "vm.state", "--mem-file-path", "vm.mem", "--resume"],
+            capture_output=True, text=True, timeout=120, cwd=client_dir,
         )  # fmt: skip
         assert loaded.returncode == 0, loaded.stderr
         assert "running" in loaded.stdout

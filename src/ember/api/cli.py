@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -110,8 +111,12 @@ def add_snapshot_api_commands(actions: Subparsers) -> None:
         ),
     )
     _add_socket(create)
-    create.add_argument("--snapshot-path", required=True, metavar="STATE")
-    create.add_argument("--mem-file-path", required=True, metavar="MEM")
+    create.add_argument(
+        "--snapshot-path", required=True, metavar="STATE", type=_client_path
+    )
+    create.add_argument(
+        "--mem-file-path", required=True, metavar="MEM", type=_client_path
+    )
     create.add_argument(
         "--diff",
         action="store_true",
@@ -133,14 +138,20 @@ def add_snapshot_api_commands(actions: Subparsers) -> None:
         ),
     )
     _add_socket(load)
-    load.add_argument("--snapshot-path", required=True, metavar="STATE")
+    load.add_argument(
+        "--snapshot-path", required=True, metavar="STATE", type=_client_path
+    )
     memory = load.add_mutually_exclusive_group(required=True)
     memory.add_argument(
-        "--mem-file-path", metavar="MEM", help="map this memory file (File backend)"
+        "--mem-file-path",
+        metavar="MEM",
+        type=_client_path,
+        help="map this memory file (File backend)",
     )
     memory.add_argument(
         "--uffd",
         metavar="SOCKET",
+        type=_client_path,
         help="have the page-fault handler listening here serve memory (Uffd backend)",
     )
     load.add_argument(
@@ -157,6 +168,12 @@ def add_snapshot_api_commands(actions: Subparsers) -> None:
         help="advance the guest clock by the time spent in the snapshot",
     )
     load.set_defaults(handler=_cmd_snapshot_load)
+
+
+def _client_path(path: str) -> str:
+    """A path as this command's user meant it: the monitor runs elsewhere and
+    would resolve a relative path against its own working directory."""
+    return os.path.abspath(path)
 
 
 def _add_socket(parser: argparse.ArgumentParser) -> None:
