@@ -23,8 +23,14 @@ def ask(vm: Microvm, log: ConsoleLog, command: str) -> str:
 
 
 def main() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="ember-example-"))
+    # The snapshot files go to a temporary directory, removed at the end.
+    with tempfile.TemporaryDirectory(prefix="ember-example-") as workdir:
+        run(Path(workdir))
+
+
+def run(workdir: Path) -> None:
     state, mem = str(workdir / "vm.state"), str(workdir / "vm.mem")
+    print(f"snapshot files in {workdir}")
 
     # Boot with dirty-page tracking so diff snapshots are possible later.
     log = ConsoleLog()

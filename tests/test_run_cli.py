@@ -37,8 +37,31 @@ def test_readme_first_command_runs_the_demo_to_the_end() -> None:
     out = result.stdout
     assert "origin | READY vcpus=2 mem_mib=256" in out
     assert "restored | CPUS 2 alive 2" in out
-    assert "each clone holds only its own changes" in out
+    assert "origin < fill 7 64" in out  # the commands sent are shown too
+    assert "each clone holds its own pattern and not its neighbour's" in out
     assert "full snapshot" in out.split("timings", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mem-mib", "32"], "--mem-mib must be at least 128"),
+        (["--clones", "-1"], "--clones must be 0 or more"),
+        (["--vcpus", "0"], "--vcpus must be 1-32"),
+    ],
+)
+def test_demo_refuses_arguments_it_cannot_run_with(
+    flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "demo", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"ember: error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
 
 
 @pytest.mark.kvm

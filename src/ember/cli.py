@@ -35,6 +35,10 @@ LOG_LEVELS = {
 }
 
 
+# The demo fills 64 MiB; the test guest keeps its own code and tables below 16 MiB.
+DEMO_MIN_MEM_MIB = 128
+
+
 class CliError(Exception):
     """An error to print as one line, with exit status 1."""
 
@@ -141,17 +145,43 @@ def build_parser() -> argparse.ArgumentParser:
         "few clones side by side, and print the time each step took. Cleans up "
         "after itself.",
     )
-    demo.add_argument("--vcpus", type=int, default=2, metavar="N")
-    demo.add_argument("--mem-mib", type=int, default=256, metavar="M")
-    demo.add_argument("--clones", type=int, default=3, metavar="K")
+    demo.add_argument(
+        "--vcpus", type=int, default=2, metavar="N", help="vCPUs, 1-32 (default 2)"
+    )
+    demo.add_argument(
+        "--mem-mib",
+        type=int,
+        default=256,
+        metavar="M",
+        help=f"guest memory, at least {DEMO_MIN_MEM_MIB} MiB (default 256)",
+    )
+    demo.add_argument(
+        "--clones",
+        type=int,
+        default=3,
+        metavar="K",
+        help="clones started side by side, 0 for none (default 3)",
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ember.demo import run_demo
+    from ember.demo import DemoError, run_demo
 
-    return run_demo(vcpus=args.vcpus, mem_mib=args.mem_mib, clones=args.clones)
+    if not 1 <= args.vcpus <= 32:
+        raise CliError(f"--vcpus must be 1-32, not {args.vcpus}")
+    if args.mem_mib < DEMO_MIN_MEM_MIB:
+        raise CliError(
+            f"--mem-mib must be at least {DEMO_MIN_MEM_MIB}: the demo fills 64 MiB "
+            "of guest memory"
+        )
+    if args.clones < 0:
+        raise CliError(f"--clones must be 0 or more, not {args.clones}")
+    try:
+        return run_demo(vcpus=args.vcpus, mem_mib=args.mem_mib, clones=args.clones)
+    except DemoError as error:
+        raise CliError(f"demo failed: {error}") from None
 
 
 def _add_snapshot(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,11 +42,21 @@ def _format(seconds: float) -> str:
 
 
 class _Say:
+    """Timestamped lines; whole lines only, as console readers call it too."""
+
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self._lock = threading.Lock()
 
     def __call__(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.2f}s] {message}", flush=True)
+        line = f"[{time.monotonic() - self.started:6.2f}s] {message}\n"
+        with self._lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+class DemoError(Exception):
+    """A step of the demo did not give the answer it should have."""
 
 
 class _Clone(ConsoleProcess):
@@ -52,11 +64,16 @@ class _Clone(ConsoleProcess):
 
     def __init__(self, name: str, state: Path, mem: Path, say: Callable[[str], None]):
         self.name = name
+        self._say = say
         args = ["--level", "Info", "run", "--snapshot", str(state)]
         super().__init__(
             [*args, "--mem-file", str(mem)],
             echo=lambda line: say(f"  {name} | {line}"),
         )
+
+    def send(self, command: str) -> None:
+        self._say(f"  {self.name} < {command}")
+        super().send(command)
 
     def restore_ms(self) -> float:
         return float(self.stderr_log.expect(RESTORED_IN, 30).group(1))
@@ -71,7 +88,7 @@ class _Clone(ConsoleProcess):
 
 def _expect_answer(actual: str, expected: str, what: str) -> None:
     if actual != expected:
-        raise RuntimeError(f"{what}: the guest answered {actual!r}, not {expected!r}")
+        raise DemoError(f"{what}: the guest answered {actual!r}, not {expected!r}")
 
 
 def run_demo(vcpus: int = 2, mem_mib: int = 256, clones: int = 3) -> int:
@@ -100,6 +117,7 @@ def run_demo(vcpus: int = 2, mem_mib: int = 256, clones: int = 3) -> int:
             timings.add("boot to READY (in process)", time.monotonic() - began)
 
             def ask(command: str) -> str:
+                say(f"  origin < {command}")
                 vm.serial.enqueue_input(command.encode() + b"\n")
                 return log.expect(ANSWER, 60).group(0)
 
@@ -136,36 +154,15 @@ def run_demo(vcpus: int = 2, mem_mib: int = 256, clones: int = 3) -> int:
         timings.add("restore inside the new process", restored.restore_ms() / 1000)
         say(f"ticks continue: {last_tick} before the snapshot, {first_tick} after")
         if not last_tick < first_tick <= last_tick + 5:
-            raise RuntimeError(f"ticks restarted: {last_tick} then {first_tick}")
+            raise DemoError(f"ticks restarted: {last_tick} then {first_tick}")
         _expect_answer(restored.ask("tick off"), "OK", "tick off")
         _expect_answer(restored.ask("check 7 64"), "OK", "memory check")
         _expect_answer(restored.ask("fpu check 3"), "OK", "FPU/AVX check")
         _expect_answer(restored.ask("cpus"), f"CPUS {vcpus} alive {vcpus}", "cpus")
         restored.finish()
 
-        say(f"starting {clones} clones side by side from the same snapshot")
-        began = time.monotonic()
-        group = [_Clone(f"clone{i}", state, mem, say) for i in range(clones)]
-        children.extend(group)
-        for clone in group:
-            clone.log.expect(r"^TICK \d+$", 60)
-        timings.add(f"{clones} clones to first tick", time.monotonic() - began)
-        for index, clone in enumerate(group):
-            _expect_answer(clone.ask("tick off"), "OK", "tick off")
-            _expect_answer(clone.ask(f"fill {100 + index} 8"), "OK", "clone fill")
-        for index, clone in enumerate(group):
-            _expect_answer(clone.ask(f"check {100 + index} 8"), "OK", "clone check")
-            other = 100 + (index + 1) % clones
-            if clones > 1:
-                answer = clone.ask(f"check {other} 8")
-                if not answer.startswith("BAD"):
-                    raise RuntimeError("clones share memory changes")
-            timings.add(
-                f"clone{index} restore inside its process", clone.restore_ms() / 1000
-            )
-        say("each clone holds only its own changes")
-        for clone in group:
-            clone.finish()
+        if clones:
+            _run_clones(clones, state, mem, say, timings, children)
 
         print()
         print("timings")
@@ -175,3 +172,42 @@ def run_demo(vcpus: int = 2, mem_mib: int = 256, clones: int = 3) -> int:
         for child in children:
             child.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_clones(
+    clones: int,
+    state: Path,
+    mem: Path,
+    say: Callable[[str], None],
+    timings: Timings,
+    children: list[_Clone],
+) -> None:
+    """Start `clones` restores of one snapshot at once; each fills memory with its
+    own seed and must find its own pattern, and not its neighbour's."""
+    plural = "s" if clones > 1 else ""
+    say(f"starting {clones} clone{plural} side by side from the same snapshot")
+    began = time.monotonic()
+    group = [_Clone(f"clone{i}", state, mem, say) for i in range(clones)]
+    children.extend(group)
+    for clone in group:
+        clone.log.expect(r"^TICK \d+$", 60)
+    timings.add(f"{clones} clone{plural} to first tick", time.monotonic() - began)
+    for index, clone in enumerate(group):
+        _expect_answer(clone.ask("tick off"), "OK", "tick off")
+        _expect_answer(clone.ask(f"fill {100 + index} 8"), "OK", "clone fill")
+    for index, clone in enumerate(group):
+        _expect_answer(clone.ask(f"check {100 + index} 8"), "OK", "clone check")
+        if clones > 1:
+            # The neighbour's pattern must be absent here: BAD is the right answer.
+            other = 100 + (index + 1) % clones
+            if not clone.ask(f"check {other} 8").startswith("BAD"):
+                raise DemoError("clones share memory changes")
+        timings.add(
+            f"clone{index} restore inside its process", clone.restore_ms() / 1000
+        )
+    if clones > 1:
+        say("each clone holds its own pattern and not its neighbour's (BAD above)")
+    else:
+        say("the clone holds its own pattern")
+    for clone in group:
+        clone.finish()
