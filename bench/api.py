@@ -11,10 +11,10 @@ Measures, over N fresh processes each:
   latency as the client sees it and as the monitor's `latencies_us.load_snapshot`
   reports it.
 
-Firecracker's figures are its published ones (see the reference notes, §6); they
-were measured on other hardware, with a compiled binary, so read the table as a
-distance, not a race. A bare `python -c pass` is shown for what the interpreter
-alone costs here.
+Firecracker's figures are its published ones (snapshot-support.md and its v1.4
+performance tests); they were measured on other hardware, with a compiled
+binary, so read the table as a distance, not a race. A bare `python -c pass` is
+shown for what the interpreter alone costs here.
 """
 
 from __future__ import annotations

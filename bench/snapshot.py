@@ -66,9 +66,9 @@ BOOT_TIMEOUT_S = 60.0
 ANSWER_TIMEOUT_S = 20.0
 QMP_TIMEOUT_S = 20.0
 
-# Firecracker's published figures (reference notes §6). Restore: load_snapshot
-# P50 on m6i.metal, host and guest 5.10, 1 vCPU; create: the maximum its v1.4
-# tests allowed, 2 vCPUs, x86.
+# Firecracker's published figures (snapshot-support.md, v1.4 performance tests).
+# Restore: load_snapshot P50 on m6i.metal, host and guest 5.10, 1 vCPU; create:
+# the maximum its v1.4 tests allowed, 2 vCPUs, x86.
 FC_RESTORE_P50_MS = {128: "1.887", 1024: "2.172", 4096: "3.329"}
 FC_CREATE_MAX_MS = {256: (180, 70), 512: (280, 90)}
 

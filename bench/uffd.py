@@ -26,9 +26,10 @@ its own counters: pages filled on demand per second of handler time, and
 prefaulted pages per second.
 
 Peers: Firecracker publishes restore latency for its File backend only (P50 on
-m6i.metal, reference notes §6): 1.887 ms at 128 MiB, 2.172 ms at 1 GiB; it
-publishes no Uffd figures. QEMU's nearest equivalent (postcopy migration) needs a
-second live QEMU as the source and is not measured here.
+m6i.metal, its v1.4 performance-test configuration): 1.887 ms at 128 MiB,
+2.172 ms at 1 GiB; it publishes no Uffd figures. QEMU's nearest equivalent
+(postcopy migration) needs a second live QEMU as the source and is not measured
+here.
 
 Tables show median / p90 / min in milliseconds; nothing is judged. Files live in a
 temporary directory removed at the end; handlers are always reaped.

@@ -3,7 +3,8 @@
 The unit tests build small bzImages, ar archives and .debs by hand. The slow test
 boots Debian's real kernel and reads what its own early boot log says about the
 machine Ember gave it. On this project's PVM-backed hosts the kernel stops soon
-after that log (see DESIGN.md §1), so the test reads only as far as it needs.
+after that log (see docs/architecture.md, "Why a test guest"), so the test reads
+only as far as it needs.
 """
 
 from __future__ import annotations
