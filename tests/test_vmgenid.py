@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +184,19 @@ def _events(guest: InProcessGuest) -> int:
     return int(answer.split()[1])
 
 
+def _events_reach(guest: InProcessGuest, expected: int, timeout: float = 5.0) -> int:
+    """The guest's event count once it reaches `expected`, or as it stands at the
+    deadline. Interrupts are asynchronous: on a loaded host the guest may answer a
+    console command before it has taken one raised at restore (seen once in a
+    full run with CI beside it), but none may be lost or counted twice."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = _events(guest)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
 def _files(directory: Path, name: str) -> tuple[str, str]:
     return str(directory / f"{name}.state"), str(directory / f"{name}.mem")
 
@@ -211,7 +225,7 @@ def test_restores_in_a_row_each_bring_a_new_generation(
             assert genid not in seen
             # VGEN's and VCLK's interrupts, both delivered after every restore
             # (the count lives in guest memory, so it carries over).
-            assert _events(restored) == 2 * expected
+            assert _events_reach(restored, 2 * expected) == 2 * expected
             seen.add(genid)
             restored.microvm.pause()
             state, mem = _files(snapshot_dir, f"gen{expected}")
@@ -236,7 +250,7 @@ def test_clones_of_one_snapshot_each_get_their_own_id(
     clones = [InProcessGuest.restore(state, mem) for _ in range(5)]
     try:
         answers = [_genid(clone) for clone in clones]
-        assert [_events(clone) for clone in clones] == [2] * 5
+        assert [_events_reach(clone, 2) for clone in clones] == [2] * 5
     finally:
         for clone in clones:
             clone.close()
