@@ -185,7 +185,8 @@ def _run_clones(
     """Start `clones` restores of one snapshot at once; each fills memory with its
     own seed and must find its own pattern, and not its neighbour's."""
     plural = "s" if clones > 1 else ""
-    say(f"starting {clones} clone{plural} side by side from the same snapshot")
+    together = " side by side" if clones > 1 else ""
+    say(f"starting {clones} clone{plural}{together} from the same snapshot")
     began = time.monotonic()
     group = [_Clone(f"clone{i}", state, mem, say) for i in range(clones)]
     children.extend(group)
