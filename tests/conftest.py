@@ -1,8 +1,10 @@
-"""Shared fixtures: KVM availability, the built test guest."""
+"""Shared fixtures: KVM availability, the built test guest, a huge-page pool."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,35 @@ def pytest_collection_modifyitems(
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@pytest.fixture
+def huge_page_pool() -> Iterator[Callable[[int], bool]]:
+    """`ensure(pages)`: make `pages` free 2 MiB pages exist in the host's hugetlbfs
+    pool, growing it where the host lets us (as root); True if they exist. The
+    pool goes back to its old size after the test."""
+    from ember.memory.guest_memory import free_huge_pages
+
+    try:
+        before = int(NR_HUGEPAGES.read_text())
+    except (OSError, ValueError):
+        before = None
+
+    def ensure(pages: int) -> bool:
+        shortfall = pages - free_huge_pages()
+        if shortfall > 0 and before is not None:
+            # Not root, or no memory to spare: the pool stays short and the
+            # caller checks the answer.
+            with contextlib.suppress(OSError):
+                NR_HUGEPAGES.write_text(str(int(NR_HUGEPAGES.read_text()) + shortfall))
+        return free_huge_pages() >= pages
+
+    yield ensure
+    if before is not None:
+        NR_HUGEPAGES.write_text(str(before))
 
 
 @pytest.fixture(scope="session")

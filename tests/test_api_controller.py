@@ -31,6 +31,7 @@ class FakeMachine:
     vcpu_count: int
     mem_size_mib: int
     track_dirty_pages: bool = False
+    huge_pages: str = "None"
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,6 @@ def test_refusals_name_their_reason(
 def test_unsupported_machine_features_are_refused_by_name(api: Api) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"smt": True}, "smt"),
-        ({"huge_pages": "2M"}, "huge_pages"),
         ({"cpu_template": "T2"}, "CPU templates"),
     ]
     for extra, reason in cases:
@@ -311,6 +311,17 @@ def test_unsupported_machine_features_are_refused_by_name(api: Api) -> None:
             "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 64, **extra}
         )
         assert status == 400 and reason in answer["fault_message"]
+
+
+def test_huge_pages_are_taken_with_an_even_memory_size(api: Api) -> None:
+    for huge_pages in ("2M", "Transparent", "None"):
+        body = {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": huge_pages}
+        assert api.call("PUT", "/machine-config", body)[0] == 204
+        status, answer = api.call("GET", "/machine-config")
+        assert status == 200 and answer["huge_pages"] == huge_pages
+    odd = {"vcpu_count": 1, "mem_size_mib": 65, "huge_pages": "2M"}
+    status, answer = api.call("PUT", "/machine-config", odd)
+    assert status == 400 and "multiple of 2" in answer["fault_message"]
 
 
 # --- lifecycle rules ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ember.api.cli import (
 from ember.uffd_handler.cli import add_uffd_handler_command
 
 if TYPE_CHECKING:
-    from ember.vmm.config import DriveConfig
+    from ember.vmm.config import DriveConfig, HugePages
     from ember.vmm.microvm import Microvm
 
 log = logging.getLogger("ember")
@@ -34,6 +34,12 @@ LOG_LEVELS = {
     "Trace": logging.DEBUG,
 }
 
+
+HUGE_PAGES_FLAGS: dict[str, HugePages] = {
+    "none": "None",
+    "transparent": "Transparent",
+    "2m": "2M",
+}
 
 # The demo fills 64 MiB; the test guest keeps its own code and tables below 16 MiB.
 DEMO_MIN_MEM_MIB = 128
@@ -69,11 +75,12 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--huge-pages",
-        choices=["none", "transparent"],
+        choices=["none", "transparent", "2m"],
         default="transparent",
         help=(
             "back guest memory with transparent huge pages (default: transparent; "
-            "first touch of fresh memory is several times faster)"
+            "first touch of fresh memory is several times faster), or with 2 MiB "
+            "pages from the host's hugetlbfs pool (2m)"
         ),
     )
     run.add_argument(
@@ -258,7 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         vcpu_count=args.vcpus,
         mem_size_mib=args.mem_mib,
         track_dirty_pages=args.track_dirty_pages,
-        huge_pages="Transparent" if args.huge_pages == "transparent" else "None",
+        huge_pages=HUGE_PAGES_FLAGS[args.huge_pages],
     )
     drives = _drives_from_args(args.drive)
     return _run_until_stopped(Microvm.boot(machine, boot, drives=drives))
@@ -325,9 +332,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ember.arch.x86_64.vcpu_state import VcpuRestoreError
     from ember.arch.x86_64.vm_state import VmStateError
     from ember.boot.errors import KernelLoadError
+    from ember.devices.virtio.attach import SlotAllocationError
     from ember.devices.virtio.block import BlockError
     from ember.kvm.fd import KvmError
     from ember.kvm.system import KvmUnavailableError
+    from ember.memory.guest_memory import GuestMemoryError
     from ember.snapshot.memory_file import RebaseError
     from ember.snapshot.restore import SnapshotLoadError
     from ember.snapshot.state_file import StateFileError
@@ -347,6 +356,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         GuestBuildError,
         BlockError,
+        SlotAllocationError,
+        GuestMemoryError,
         OSError,
     )
 

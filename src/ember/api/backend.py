@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from ember.api.drives import AttachedDrive
-    from ember.vmm.config import BootSource, DriveConfig, MachineConfig
+    from ember.vmm.config import BootSource, DriveConfig, HugePages, MachineConfig
     from ember.vmm.vcpu import VcpuStop
 
 
@@ -27,6 +27,7 @@ class BootRequest:
     boot_args: str | None
     initrd_path: str | None
     drives: tuple[DriveConfig, ...] = ()
+    huge_pages: HugePages = "None"
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class KvmBackend:
             vcpu_count=request.vcpu_count,
             mem_size_mib=request.mem_size_mib,
             track_dirty_pages=request.track_dirty_pages,
+            huge_pages=request.huge_pages,
         )
         boot = BootSource(
             kernel_image_path=request.kernel_image_path,

@@ -151,7 +151,7 @@ class Controller:
                 mem_size_mib=vm.machine.mem_size_mib,
                 smt=False,
                 track_dirty_pages=vm.machine.track_dirty_pages,
-                huge_pages="None",
+                huge_pages=vm.machine.huge_pages,
             )
         return models.MachineConfigurationView(
             vcpu_count=config.vcpu_count,
@@ -325,6 +325,7 @@ class Controller:
                 vcpu_count=machine.vcpu_count,
                 mem_size_mib=machine.mem_size_mib,
                 track_dirty_pages=machine.track_dirty_pages,
+                huge_pages=machine.huge_pages,
                 kernel_image_path=source.kernel_image_path,
                 boot_args=source.boot_args,
                 initrd_path=source.initrd_path,
@@ -438,8 +439,10 @@ def check_machine_config(config: models.MachineConfiguration) -> None:
     """What the API accepts but this VMM cannot do yet is refused by name."""
     if config.smt:
         raise ApiError("smt (simultaneous multithreading) is not supported yet")
-    if config.huge_pages != "None":
-        raise ApiError(f"huge_pages {config.huge_pages!r} is not supported yet")
+    if config.huge_pages != "None" and config.mem_size_mib % 2:
+        raise ApiError(
+            f"huge_pages {config.huge_pages!r} needs mem_size_mib to be a multiple of 2"
+        )
     if config.cpu_template != "None":
         raise ApiError("CPU templates are not supported")
 

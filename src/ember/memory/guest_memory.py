@@ -32,6 +32,10 @@ class OutOfBoundsError(GuestMemoryError):
     """An access touched guest-physical addresses that no region holds."""
 
 
+class HugePagesUnavailableError(GuestMemoryError):
+    """The host's hugetlbfs pool has too few free 2 MiB pages."""
+
+
 class MemoryFileTooShortError(GuestMemoryError):
     """The memory file holds fewer bytes than the regions it should back."""
 
@@ -123,6 +127,45 @@ MAP_HUGE_2MB = 21 << 26  # log2(2 MiB) in the MAP_HUGE_SHIFT field
 HUGE_PAGE_SIZE = 2 * 1024 * 1024
 
 
+def free_huge_pages() -> int:
+    """2 MiB pages of the host's hugetlbfs pool that a new mapping can have: free
+    and not reserved by another mapping yet (0 where there is no pool)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo if ":" in line)
+    except OSError:
+        return 0
+    if fields.get("Hugepagesize", "").split() != ["2048", "kB"]:
+        return 0
+    free = int(fields.get("HugePages_Free", "0").split()[0])
+    reserved = int(fields.get("HugePages_Rsvd", "0").split()[0])
+    return max(0, free - reserved)
+
+
+def check_huge_page_pool(total_bytes: int) -> None:
+    """Refuse up front when the pool cannot hold `total_bytes` of guest memory."""
+    needed = -(-total_bytes // HUGE_PAGE_SIZE)
+    available = free_huge_pages()
+    if available < needed:
+        raise HugePagesUnavailableError(
+            f"2 MiB hugetlbfs pages: {needed} needed, {available} free in the host "
+            "pool (/proc/sys/vm/nr_hugepages)"
+        )
+
+
+def _hugetlb_mapping(size: int) -> mmap.mmap:
+    # No MAP_NORESERVE here: the kernel then reserves the pages at mmap time, so a
+    # pool emptied meanwhile is an ENOMEM now, not a SIGBUS at the first touch.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB
+    try:
+        return mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as error:
+        raise HugePagesUnavailableError(
+            f"cannot map {size >> 20} MiB of 2 MiB hugetlbfs pages: {error.strerror} "
+            "(is /proc/sys/vm/nr_hugepages large enough?)"
+        ) from None
+
+
 def _anonymous_mapping(size: int, transparent_huge_pages: bool) -> mmap.mmap:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -171,9 +214,18 @@ class GuestMemory:
 
     @classmethod
     def anonymous(
-        cls, layout: list[tuple[int, int]], transparent_huge_pages: bool = False
+        cls,
+        layout: list[tuple[int, int]],
+        transparent_huge_pages: bool = False,
+        hugetlb: bool = False,
     ) -> GuestMemory:
-        """Fresh zeroed memory for `layout`, a list of (guest base, size)."""
+        """Fresh zeroed memory for `layout`, a list of (guest base, size): 4 KiB
+        pages, transparent huge pages, or 2 MiB pages from the hugetlbfs pool."""
+        if hugetlb:
+            check_huge_page_pool(sum(size for _, size in layout))
+            return cls._map_layout(
+                layout, lambda size, _: _hugetlb_mapping(size), anonymous=True
+            )
         return cls._map_layout(
             layout,
             lambda size, _: _anonymous_mapping(size, transparent_huge_pages),
@@ -193,12 +245,12 @@ class GuestMemory:
         flags = (
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         )
-        if hugetlb:
-            flags |= MAP_HUGETLB | MAP_HUGE_2MB
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         memory = cls._map_layout(
             layout,
-            lambda size, _: mmap.mmap(-1, size, flags=flags, prot=prot),
+            (lambda size, _: _hugetlb_mapping(size))
+            if hugetlb
+            else (lambda size, _: mmap.mmap(-1, size, flags=flags, prot=prot)),
             anonymous=False,
         )
         for region in memory:

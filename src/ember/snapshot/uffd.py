@@ -43,7 +43,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ember.memory import GuestMemory
-from ember.memory.guest_memory import HUGE_PAGE_SIZE, PAGE_SIZE
+from ember.memory.guest_memory import HUGE_PAGE_SIZE, PAGE_SIZE, free_huge_pages
 from ember.snapshot.restore import SnapshotLoadError
 from ember.uffd_handler import abi
 from ember.uffd_handler.protocol import RegionMapping, encode_handshake
@@ -87,18 +87,6 @@ class HandshakeSendError(UffdBackendError):
 
 class HandlerGoneError(UffdBackendError):
     """The page-fault handler died while the monitor needed guest memory."""
-
-
-def free_huge_pages() -> int:
-    """Free 2 MiB pages in the host's hugetlbfs pool (0 where there is none)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo if ":" in line)
-    except OSError:
-        return 0
-    if fields.get("Hugepagesize", "").split() != ["2048", "kB"]:
-        return 0
-    return int(fields.get("HugePages_Free", "0").split()[0])
 
 
 def uffd_memory(layout: list[tuple[int, int]], hugetlb: bool) -> GuestMemory:

@@ -59,11 +59,9 @@ def validate_machine(config: MachineConfig) -> None:
 
     if not 1 <= config.vcpu_count <= MAX_VCPUS:
         raise ConfigError(f"vcpu_count must be 1..{MAX_VCPUS}, not {config.vcpu_count}")
-    if config.huge_pages == "2M":
-        raise ConfigError("2M hugetlbfs pages are not supported yet; use Transparent")
-    if config.huge_pages == "Transparent" and config.mem_size_mib % 2:
+    if config.huge_pages != "None" and config.mem_size_mib % 2:
         raise ConfigError(
-            "Transparent huge pages need mem_size_mib to be a multiple of 2"
+            f"huge_pages {config.huge_pages!r} needs mem_size_mib to be a multiple of 2"
         )
     if config.mem_size_mib < 1:
         raise ConfigError(f"mem_size_mib must be positive, not {config.mem_size_mib}")

@@ -157,6 +157,7 @@ class Microvm:
         memory = GuestMemory.anonymous(
             layout.ram_layout(machine.mem_size_mib << 20),
             transparent_huge_pages=machine.huge_pages == "Transparent",
+            hugetlb=machine.huge_pages == "2M",
         )
         microvm = cls.create(machine, memory)
         microvm.boot_source = boot
