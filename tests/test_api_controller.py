@@ -241,7 +241,12 @@ def test_machine_config_defaults_put_and_patch(api: Api) -> None:
             {**LOAD, "mem_backend": {"backend_type": "Uffd", "backend_path": ""}},
             "Uffd socket path must not be empty",
         ),
-        ("PUT", "/snapshot/load", {**LOAD, "huge_pages": "2M"}, "needs the Uffd"),
+        (
+            "PUT",
+            "/snapshot/load",
+            {**LOAD, "huge_pages": "2M"},
+            "override is not supported yet",
+        ),
         (
             "PUT",
             "/snapshot/load",
@@ -393,6 +398,18 @@ def test_a_failed_load_leaves_the_process_ready_for_another(api: Api) -> None:
     assert request.mem_file_path == "vm.mem"
     assert api.last.headers == {"Deprecation": "true"}
     assert api.call("GET", "/machine-config")[1]["vcpu_count"] == 2  # the snapshot's
+
+
+def test_load_huge_pages_none_overrides_the_snapshot(api: Api) -> None:
+    # "None" restores on 4 KiB pages whatever the snapshot used; the default,
+    # "Snapshot", keeps what it used.
+    assert api.call("PUT", "/snapshot/load", {**LOAD, "huge_pages": "None"})[0] == 204
+    assert api.backend.restored[0].huge_pages_override == "None"
+
+
+def test_load_keeps_the_snapshots_pages_by_default(api: Api) -> None:
+    assert api.call("PUT", "/snapshot/load", LOAD)[0] == 204
+    assert api.backend.restored[0].huge_pages_override is None
 
 
 def test_deprecated_mem_file_path_still_loads(api: Api) -> None:

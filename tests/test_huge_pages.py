@@ -55,9 +55,19 @@ def test_a_2m_guest_runs_snapshots_and_restores_through_uffd(
     assert load_state_file(state).vm_info.huge_pages == "2M"
 
     # As in Firecracker, hugetlbfs memory is restored through a page-fault
-    # handler only; mapping the file is refused with a pointer to Uffd.
+    # handler only; mapping the file is refused with a pointer to Uffd...
     with pytest.raises(HugePagesNeedUffdError, match="Uffd"):
         Microvm.restore(state, mem, console=Console(write=lambda _: None))
+    # ...unless the load asks for 4 KiB pages (huge_pages "None").
+    small = InProcessGuest.restore(state, mem, huge_pages_override="None")
+    try:
+        assert small.microvm.machine.huge_pages == "None"
+        assert free_huge_pages() == free_before  # nothing taken from the pool
+        small.log.expect(r"^TICK \d+$")
+        assert small.ask("tick off") == "OK"
+        assert small.ask("check 6 200") == "OK"
+    finally:
+        small.close()
 
     handler = HandlerProcess(tmp_path / "h.sock", mem)
     try:

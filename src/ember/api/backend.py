@@ -38,6 +38,9 @@ class RestoreRequest:
     resume_vm: bool
     clock_realtime: bool
     mem_backend: Literal["File", "Uffd"] = "File"
+    # "None": restore on 4 KiB pages whatever the snapshot used (Firecracker's
+    # huge_pages override); None: as the snapshot says.
+    huge_pages_override: Literal["None"] | None = None
 
 
 class RunningVm(Protocol):
@@ -118,6 +121,7 @@ class KvmBackend:
             console=Console.stdio(),
             clock_realtime=request.clock_realtime,
             mem_backend=request.mem_backend,
+            huge_pages_override=request.huge_pages_override,
         )
 
     def send_ctrl_alt_del(self, vm: RunningVm) -> None:

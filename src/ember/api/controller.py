@@ -471,12 +471,11 @@ def restore_request(params: models.SnapshotLoadParams) -> RestoreRequest:
         mem_path, what = params.mem_file_path, "memory file path"
     check_path(what, mem_path)
     uffd = backend is not None and backend.backend_type == "Uffd"
-    if params.huge_pages == "2M" and not uffd:
-        raise ApiError("huge_pages '2M' needs the Uffd memory backend")
     if params.huge_pages == "2M":
         raise ApiError(
             "huge_pages '2M' as an override is not supported yet; a snapshot of a "
-            "microVM backed by 2M pages loads with the default 'Snapshot'"
+            "microVM backed by 2M pages loads with the default 'Snapshot' and the "
+            "Uffd backend"
         )
     if params.huge_pages == "Transparent":
         raise ApiError("huge_pages 'Transparent' is not supported yet")
@@ -495,6 +494,7 @@ def restore_request(params: models.SnapshotLoadParams) -> RestoreRequest:
         resume_vm=params.resume_vm,
         clock_realtime=params.clock_realtime,
         mem_backend="Uffd" if uffd else "File",
+        huge_pages_override="None" if params.huge_pages == "None" else None,
     )
 
 

@@ -122,15 +122,18 @@ def restore_microvm(
     clock_realtime: bool = False,
     strict_cpu_vendor: bool = False,
     mem_backend: MemBackend = "File",
+    huge_pages_override: Literal["None"] | None = None,
 ) -> Microvm:
     """Restore a microVM. With `mem_backend="File"`, `mem_path` is the memory
     file, mapped privately. With `"Uffd"`, it is the socket of a page-fault handler
     that serves the memory (Firecracker's `backend_path`; see
-    `ember.snapshot.uffd`)."""
+    `ember.snapshot.uffd`). `huge_pages_override="None"` restores on 4 KiB pages
+    whatever pages the snapshot's guest had (the memory file is the same)."""
     started = time.monotonic()
     state = load_state_file(state_path)
     sanity_check(state)
-    if state.vm_info.huge_pages == "2M" and mem_backend != "Uffd":
+    huge_pages = huge_pages_override or state.vm_info.huge_pages
+    if huge_pages == "2M" and mem_backend != "Uffd":
         raise HugePagesNeedUffdError(
             "cannot restore a hugetlbfs-backed snapshot by mapping the memory file; "
             "use the Uffd backend"
@@ -140,16 +143,14 @@ def restore_microvm(
     if mem_backend == "Uffd":
         from ember.snapshot.uffd import uffd_guest_memory
 
-        memory, uffd = uffd_guest_memory(
-            layout, mem_path, hugetlb=state.vm_info.huge_pages == "2M"
-        )
+        memory, uffd = uffd_guest_memory(layout, mem_path, hugetlb=huge_pages == "2M")
     else:
         memory = _file_memory(mem_path, layout)
     machine = MachineConfig(
         vcpu_count=len(state.vcpu_states),
         mem_size_mib=state.vm_info.mem_size_mib,
         track_dirty_pages=track_dirty_pages,
-        huge_pages=state.vm_info.huge_pages,
+        huge_pages=huge_pages,
     )
     try:
         microvm = Microvm.create(machine, memory)

@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ember.arch.x86_64 import layout, regs
 from ember.arch.x86_64.acpi import (
@@ -506,6 +506,7 @@ class Microvm:
         clock_realtime: bool = False,
         strict_cpu_vendor: bool = False,
         mem_backend: MemBackend = "File",
+        huge_pages_override: Literal["None"] | None = None,
     ) -> Microvm:
         """A microVM brought back from a snapshot (see `ember.snapshot.restore`).
         With `mem_backend="Uffd"`, `mem_path` is a page-fault handler's socket."""
@@ -520,6 +521,7 @@ class Microvm:
             clock_realtime=clock_realtime,
             strict_cpu_vendor=strict_cpu_vendor,
             mem_backend=mem_backend,
+            huge_pages_override=huge_pages_override,
         )
 
     def stop(self, status: int = 0, message: str = "stopped by the monitor") -> None:
