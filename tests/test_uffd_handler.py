@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from ember.memory import GuestAddress, GuestMemory
+from ember.memory.guest_memory import free_huge_pages
 from ember.snapshot.uffd import (
     HandlerConnectError,
     HugePagesUnavailableError,
     UffdBackend,
-    free_huge_pages,
     uffd_guest_memory,
     uffd_memory,
 )

@@ -396,7 +396,7 @@ def test_hugetlbfs_snapshot_through_uffd(
     marked.write_bytes(encode_state(msgspec.structs.replace(state, vm_info=info)))
     handler = HandlerProcess(tmp_path / "h.sock", snapshot.mem)
     try:
-        from ember.snapshot.uffd import free_huge_pages
+        from ember.memory.guest_memory import free_huge_pages
 
         if not huge_page_pool(snapshot.mem_mib // 2):
             with pytest.raises(HugePagesUnavailableError, match="2 MiB"):

@@ -246,6 +246,8 @@ class GuestMemory:
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         )
         prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if hugetlb:
+            check_huge_page_pool(sum(size for _, size in layout))
         memory = cls._map_layout(
             layout,
             (lambda size, _: _hugetlb_mapping(size))

@@ -43,7 +43,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ember.memory import GuestMemory
-from ember.memory.guest_memory import HUGE_PAGE_SIZE, PAGE_SIZE, free_huge_pages
+from ember.memory.guest_memory import HUGE_PAGE_SIZE, PAGE_SIZE
+from ember.memory.guest_memory import HugePagesUnavailableError as PoolTooSmallError
 from ember.snapshot.restore import SnapshotLoadError
 from ember.uffd_handler import abi
 from ember.uffd_handler.protocol import RegionMapping, encode_handshake
@@ -91,16 +92,10 @@ class HandlerGoneError(UffdBackendError):
 
 def uffd_memory(layout: list[tuple[int, int]], hugetlb: bool) -> GuestMemory:
     """Anonymous guest memory for the Uffd backend (nothing registered yet)."""
-    if hugetlb:
-        needed = sum(size for _, size in layout) // HUGE_PAGE_SIZE
-        available = free_huge_pages()
-        if available < needed:
-            raise HugePagesUnavailableError(
-                f"the snapshot uses 2 MiB hugetlbfs pages: {needed} needed, "
-                f"{available} free in the host pool (/proc/sys/vm/nr_hugepages)"
-            )
     try:
         return GuestMemory.for_userfaultfd(layout, hugetlb=hugetlb)
+    except PoolTooSmallError as error:
+        raise HugePagesUnavailableError(f"the snapshot uses {error}") from None
     except OSError as error:
         raise UffdBackendError(
             f"cannot map guest memory for the Uffd backend: {error.strerror}"
